@@ -1,0 +1,1 @@
+//! Agent side and shim side of the agent protocol.

@@ -1,0 +1,1 @@
+//! Prometheus text exposition: parse, validate, relabel, merge and encode (no I/O).

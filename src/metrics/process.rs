@@ -1,0 +1,1 @@
+//! One process collector for any pid and metric prefix (shim, hypervisor, agent).

@@ -1,0 +1,1 @@
+//! The shim management server (HTTP over unix sockets), its client, and socket paths.
