@@ -4,13 +4,18 @@ use std::path::PathBuf;
 
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
-const PROTOS: [&str; 3] = ["protos/agent.proto", "protos/health.proto", "protos/oci.proto"];
+const PROTOS: [&str; 3] = [
+    "protos/agent.proto",
+    "protos/health.proto",
+    "protos/oci.proto",
+];
 
 fn main() {
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }
-    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("protocols");
+    let out_dir =
+        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("protocols");
     std::fs::create_dir_all(&out_dir).expect("create OUT_DIR/protocols");
 
     Codegen::new()

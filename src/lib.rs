@@ -8,7 +8,9 @@
 //! - [`runtime_cli`]: `kata-runtime` subcommands.
 
 pub mod agent;
+pub mod logging;
 pub mod metrics;
 pub mod mgmt;
 pub mod protocols;
 pub mod runtime_cli;
+pub mod signals;

@@ -1,1 +1,6 @@
-//! Agent side and shim side of the agent protocol.
+//! Both sides of the agent protocol: addresses and transports, the shim's client, the agent's service.
+
+pub mod client;
+pub mod service;
+pub mod transport;
+pub mod url;

@@ -1,5 +1,8 @@
 //! Metrics: collectors that read /proc, the shim's global registry, and Prometheus text handling.
 
+pub mod agent;
 pub mod exposition;
 pub mod guest;
 pub mod process;
+pub mod registry;
+pub mod scrape;

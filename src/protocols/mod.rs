@@ -3,7 +3,14 @@
 //! Each generated file becomes a sibling module: the ttrpc files refer to their messages as
 //! `super::agent`, `super::health`, `super::oci`.
 
-#![allow(clippy::all, clippy::pedantic, unused_mut, unused_qualifications, missing_docs, nonstandard_style)]
+#![allow(
+    clippy::all,
+    clippy::pedantic,
+    unused_mut,
+    unused_qualifications,
+    missing_docs,
+    nonstandard_style
+)]
 
 /// `google.protobuf.Empty`, as the generated ttrpc code names it.
 pub mod empty {

@@ -1,0 +1,197 @@
+//! Connecting to the agent: one connected stream per [`AgentUrl`], ready for ttrpc.
+//!
+//! Hybrid vsock needs a text handshake before ttrpc may start; it is read byte by byte so nothing of
+//! the ttrpc stream is consumed. Every step runs under the caller's deadline, since neither connect
+//! nor the handshake has a timeout of its own.
+
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+use ttrpc::asynchronous::transport::Socket;
+
+use super::url::AgentUrl;
+
+/// The longest handshake reply line we accept (`OK <port>\n` is a few bytes).
+const MAX_HANDSHAKE_LINE: usize = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("connecting to the agent at {url}: {source}")]
+    Connect { url: String, source: io::Error },
+    #[error("hybrid vsock handshake with {url}: {what}")]
+    Handshake { url: String, what: String },
+    #[error("connecting to the agent at {url}: no connection within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+}
+
+/// Opens one stream to the agent, including the hybrid vsock handshake, within `timeout`.
+pub async fn connect(url: &AgentUrl, timeout: Duration) -> Result<Socket, TransportError> {
+    match tokio::time::timeout(timeout, connect_unbounded(url)).await {
+        Ok(result) => result,
+        Err(_) => Err(TransportError::Timeout {
+            url: url.to_string(),
+            timeout,
+        }),
+    }
+}
+
+/// Like [`connect`], but retries until `timeout` while the peer is not ready yet: a VM whose agent is
+/// still booting makes the vsock daemon accept and then drop our connection.
+pub async fn connect_with_retry(
+    url: &AgentUrl,
+    timeout: Duration,
+) -> Result<Socket, TransportError> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let err = match connect(url, left).await {
+            Ok(socket) => return Ok(socket),
+            Err(err) => err,
+        };
+        if Instant::now() + pause >= deadline {
+            return Err(err);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+async fn connect_unbounded(url: &AgentUrl) -> Result<Socket, TransportError> {
+    let connect_err = |source| TransportError::Connect {
+        url: url.to_string(),
+        source,
+    };
+    match url {
+        AgentUrl::Unix { path } => {
+            let stream = UnixStream::connect(unix_socket_name(path))
+                .await
+                .map_err(connect_err)?;
+            Ok(Socket::new(stream))
+        }
+        AgentUrl::Hvsock { path, port } => {
+            let mut stream = UnixStream::connect(path).await.map_err(connect_err)?;
+            hybrid_vsock_handshake(&mut stream, *port)
+                .await
+                .map_err(|what| TransportError::Handshake {
+                    url: url.to_string(),
+                    what,
+                })?;
+            Ok(Socket::new(stream))
+        }
+        AgentUrl::Vsock { cid, port } => {
+            let addr = tokio_vsock::VsockAddr::new(*cid, *port);
+            let stream = tokio_vsock::VsockStream::connect(addr)
+                .await
+                .map_err(connect_err)?;
+            Ok(Socket::new(stream))
+        }
+    }
+}
+
+/// `@name` is our spelling of an abstract socket; tokio wants a leading NUL instead.
+pub fn unix_socket_name(path: &Path) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            let mut with_nul = vec![0u8];
+            with_nul.extend_from_slice(name);
+            std::ffi::OsStr::from_bytes(&with_nul).into()
+        }
+        None => path.to_path_buf(),
+    }
+}
+
+/// Writes `CONNECT <port>\n` and expects one line starting with `OK` (vhost-device-vsock answers
+/// `OK <guest port>`, Firecracker `OK <host port>`: only the prefix is common).
+pub async fn hybrid_vsock_handshake<S>(stream: &mut S, port: u32) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(|e| format!("sending CONNECT {port}: {e}"))?;
+    let mut line = Vec::with_capacity(16);
+    loop {
+        let mut byte = [0u8; 1];
+        let n = stream
+            .read(&mut byte)
+            .await
+            .map_err(|e| format!("reading the reply to CONNECT {port}: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "the peer closed the connection before answering CONNECT {port} (got {:?}); is the guest listening on port {port}?",
+                String::from_utf8_lossy(&line)
+            ));
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+        if line.len() > MAX_HANDSHAKE_LINE {
+            return Err(format!(
+                "the reply to CONNECT {port} is longer than {MAX_HANDSHAKE_LINE} bytes without a newline"
+            ));
+        }
+    }
+    if line.starts_with(b"OK") {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected a reply starting with \"OK\" to CONNECT {port}, got {:?}",
+            String::from_utf8_lossy(&line)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn handshake_accepts_ok_and_leaves_the_rest_unread() {
+        let (mut ours, mut theirs) = tokio::io::duplex(256);
+        let peer = tokio::spawn(async move {
+            let mut buf = [0u8; 13];
+            theirs.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"CONNECT 1024\n");
+            theirs.write_all(b"OK 1024\nttrpc-bytes").await.unwrap();
+            theirs
+        });
+        hybrid_vsock_handshake(&mut ours, 1024).await.unwrap();
+        let mut rest = [0u8; 11];
+        ours.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"ttrpc-bytes");
+        drop(peer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn handshake_rejects_garbage_and_early_close() {
+        let (mut ours, mut theirs) = tokio::io::duplex(256);
+        theirs.write_all(b"FAILURE\n").await.unwrap();
+        let err = hybrid_vsock_handshake(&mut ours, 1024).await.unwrap_err();
+        assert!(
+            err.contains("expected a reply starting with \"OK\""),
+            "{err}"
+        );
+
+        let (mut ours, theirs) = tokio::io::duplex(256);
+        drop(theirs);
+        let err = hybrid_vsock_handshake(&mut ours, 1024).await.unwrap_err();
+        assert!(err.contains("closed") || err.contains("sending"), "{err}");
+    }
+
+    #[test]
+    fn abstract_names_get_a_leading_nul() {
+        use std::os::unix::ffi::OsStrExt;
+        let name = unix_socket_name(Path::new("@foo"));
+        assert_eq!(name.as_os_str().as_bytes(), b"\0foo");
+        assert_eq!(unix_socket_name(Path::new("/a/b")), Path::new("/a/b"));
+    }
+}

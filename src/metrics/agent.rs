@@ -1,0 +1,40 @@
+//! What the guest agent serves on GetMetrics: guest OS families, the agent's own process families
+//! and its scrape counter, read at call time.
+
+use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
+
+use super::guest::GuestCollector;
+use super::process::{ProcessCollector, ProcessCollectorOptions, Target};
+
+pub struct AgentMetrics {
+    registry: Registry,
+    scrapes: IntCounter,
+}
+
+impl AgentMetrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        registry.register(Box::new(GuestCollector::new()?))?;
+        registry.register(Box::new(ProcessCollector::new(
+            Target::SelfProcess,
+            "kata_agent",
+            ProcessCollectorOptions::agent(),
+        )?))?;
+        // Standard `process_*` families; the shim renames them to `kata_agent_process_*`.
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        let scrapes = IntCounter::new("kata_agent_scrape_count", "Metrics scrape count")?;
+        registry.register(Box::new(scrapes.clone()))?;
+        Ok(AgentMetrics { registry, scrapes })
+    }
+
+    /// Counts this scrape and returns every family in text format 0.0.4.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        self.scrapes.inc();
+        let mut out = Vec::with_capacity(64 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        String::from_utf8(out)
+            .map_err(|e| prometheus::Error::Msg(format!("metrics text is not UTF-8: {e}")))
+    }
+}

@@ -1,0 +1,168 @@
+//! One scrape of the shim: its own registry plus the agent's text, checked before it is merged.
+//!
+//! The agent's text is guest data: it is size-capped and parsed strictly, its `process_*`/`go_*`
+//! families are renamed to `kata_agent_*`, and a family is dropped (and counted) when it is invalid,
+//! lies outside the agent's namespaces, repeats a host family, or sets a host-side label.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use prometheus::{Encoder, TextEncoder};
+
+use super::exposition::{self, Dropped, ExpositionError, Family, Limits};
+use super::registry::{AGENT_FAMILIES_DROPPED, AGENT_METRICS_ERRORS, AGENT_METRICS_UP, REGISTRY};
+use crate::agent::client::AgentClient;
+
+/// Labels only the host may set: kata-monitor adds them per sandbox.
+pub const HOST_LABELS: [&str; 4] = ["sandbox_id", "cri_uid", "cri_name", "cri_namespace"];
+
+/// Family name prefixes the guest may fill (after renaming).
+const AGENT_NAMESPACES: [&str; 2] = ["kata_agent_", "kata_guest_"];
+
+/// The agent's standard families and what the shim calls them.
+const AGENT_RENAMES: [(&str, &str); 2] = [
+    ("process_", "kata_agent_process_"),
+    ("go_", "kata_agent_go_"),
+];
+
+pub struct ShimScraper {
+    agent: Arc<AgentClient>,
+    limits: Limits,
+}
+
+impl ShimScraper {
+    pub fn new(agent: Arc<AgentClient>, limits: Limits) -> Self {
+        ShimScraper { agent, limits }
+    }
+
+    /// The whole `/metrics` body. Never fails: without the agent it still has the host families and
+    /// says so with `kata_shim_agent_metrics_up 0`.
+    pub async fn render(&self) -> String {
+        let agent_text = match self.agent.get_metrics().await {
+            Ok(text) => Some(text),
+            Err(err) => {
+                tracing::warn!(error = %err, "agent metrics are missing from this scrape");
+                AGENT_METRICS_ERRORS
+                    .with_label_values(&[err.reason()])
+                    .inc();
+                None
+            }
+        };
+
+        // Parse before gathering, so the up gauge and drop counter describe this very scrape.
+        let mut agent_families = Vec::new();
+        if let Some(text) = agent_text {
+            match exposition::parse(&text, &self.limits) {
+                Ok(parsed) => {
+                    let (kept, dropped) = agent_families_from(parsed.families, parsed.dropped);
+                    note_dropped(&dropped);
+                    // A live agent always reports something: nothing usable means its text was garbage.
+                    if kept.is_empty() {
+                        AGENT_METRICS_ERRORS
+                            .with_label_values(&["invalid_text"])
+                            .inc();
+                        AGENT_METRICS_UP.set(0);
+                    } else {
+                        AGENT_METRICS_UP.set(1);
+                    }
+                    agent_families = kept;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "agent metrics text refused");
+                    AGENT_METRICS_ERRORS
+                        .with_label_values(&[refusal_reason(&err)])
+                        .inc();
+                    AGENT_METRICS_UP.set(0);
+                }
+            }
+        } else {
+            AGENT_METRICS_UP.set(0);
+        }
+
+        let host = REGISTRY.gather();
+        let host_names: HashSet<&str> = host.iter().map(|mf| mf.name()).collect();
+        let (agent_families, collisions): (Vec<Family>, Vec<Family>) = agent_families
+            .into_iter()
+            .partition(|family| !host_names.contains(family.name.as_str()));
+        if !collisions.is_empty() {
+            let dropped: Vec<Dropped> = collisions
+                .into_iter()
+                .map(|family| Dropped {
+                    reason: format!("family {} repeats a host family", family.name),
+                    family: family.name,
+                })
+                .collect();
+            note_dropped(&dropped);
+        }
+
+        let mut body = Vec::with_capacity(64 * 1024);
+        if let Err(err) = TextEncoder::new().encode(&host, &mut body) {
+            tracing::error!(error = %err, "encoding the shim's own metrics");
+        }
+        let mut out = String::from_utf8(body).unwrap_or_default();
+        exposition::encode(&agent_families, &mut out);
+        out
+    }
+}
+
+/// Keeps the agent families the host accepts (renamed where needed) and lists the refused ones.
+pub fn agent_families_from(
+    families: Vec<Family>,
+    mut dropped: Vec<Dropped>,
+) -> (Vec<Family>, Vec<Dropped>) {
+    let mut kept = Vec::with_capacity(families.len());
+    let mut seen = HashSet::new();
+    for mut family in families {
+        for (from, to) in AGENT_RENAMES {
+            if family.rename_prefix(from, to) {
+                break;
+            }
+        }
+        let refusal = if !AGENT_NAMESPACES
+            .iter()
+            .any(|ns| family.name.starts_with(ns))
+        {
+            Some(format!(
+                "family {} is outside the agent's namespaces (kata_agent_*, kata_guest_*)",
+                family.name
+            ))
+        } else if let Some(label) = HOST_LABELS.iter().find(|label| family.has_label(label)) {
+            Some(format!(
+                "family {} sets the host-side label {label}",
+                family.name
+            ))
+        } else if !seen.insert(family.name.clone()) {
+            Some(format!(
+                "family {} appears twice after renaming",
+                family.name
+            ))
+        } else {
+            None
+        };
+        match refusal {
+            Some(reason) => dropped.push(Dropped {
+                family: family.name,
+                reason,
+            }),
+            None => kept.push(family),
+        }
+    }
+    (kept, dropped)
+}
+
+fn note_dropped(dropped: &[Dropped]) {
+    if dropped.is_empty() {
+        return;
+    }
+    AGENT_FAMILIES_DROPPED.inc_by(dropped.len() as u64);
+    for drop in dropped {
+        tracing::debug!(family = %drop.family, reason = %drop.reason, "agent metric family dropped");
+    }
+}
+
+fn refusal_reason(err: &ExpositionError) -> &'static str {
+    match err {
+        ExpositionError::TooLarge { .. } => "too_large",
+        _ => "invalid_text",
+    }
+}

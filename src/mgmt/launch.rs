@@ -1,0 +1,49 @@
+//! Brings up one sandbox's metrics service: the registry's collectors, the scraper over the agent
+//! client, and the management server. This is the call the shim makes once its sandbox is up.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::server::{MgmtConfig, MgmtError, MgmtServer, MgmtState};
+use crate::agent::client::AgentClient;
+use crate::metrics::exposition::Limits;
+use crate::metrics::registry;
+use crate::metrics::scrape::ShimScraper;
+
+pub struct SandboxMetrics {
+    pub sandbox_id: String,
+    pub namespace: String,
+    pub run_dir: PathBuf,
+    /// The VMM process, watched by the `kata_hypervisor_*` families.
+    pub hypervisor_pid: Option<i32>,
+    pub agent: Arc<AgentClient>,
+    /// Bounds on the agent's metrics text.
+    pub agent_text_limits: Limits,
+    pub abstract_socket: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("registering the sandbox's metric collectors: {0}")]
+    Registry(#[from] prometheus::Error),
+    #[error(transparent)]
+    Server(#[from] MgmtError),
+}
+
+pub async fn start(sandbox: SandboxMetrics) -> Result<MgmtServer, LaunchError> {
+    registry::register_shim_collectors()?;
+    if let Some(pid) = sandbox.hypervisor_pid {
+        registry::register_hypervisor(pid)?;
+    }
+    let state = Arc::new(MgmtState {
+        agent_url: sandbox.agent.url().to_string(),
+        scraper: ShimScraper::new(sandbox.agent.clone(), sandbox.agent_text_limits),
+    });
+    let config = MgmtConfig {
+        sandbox_id: sandbox.sandbox_id,
+        namespace: sandbox.namespace,
+        run_dir: sandbox.run_dir,
+        abstract_socket: sandbox.abstract_socket,
+    };
+    Ok(MgmtServer::start(config, state).await?)
+}

@@ -1,0 +1,78 @@
+//! Who may use the abstract management socket.
+//!
+//! Abstract sockets have no file permissions and are reachable from any process in the host's
+//! network namespace, including a container that shares it (the CVE-2020-15257 pattern). So the
+//! server checks the peer's credentials: root or the shim's own uid, and the shim's mount namespace.
+
+use std::path::PathBuf;
+
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PeerRefused {
+    #[error("peer credentials unavailable: {0}")]
+    NoCredentials(String),
+    #[error("peer uid {uid} is neither root nor the shim's uid {own}")]
+    Uid { uid: u32, own: u32 },
+    #[error("peer pid {pid} is in another mount namespace ({theirs}, ours {ours})")]
+    MountNamespace {
+        pid: i32,
+        theirs: String,
+        ours: String,
+    },
+    #[error("peer pid {pid}: cannot read its mount namespace: {why}")]
+    UnknownNamespace { pid: i32, why: String },
+}
+
+/// The rule: which uid and mount namespace a peer must have.
+#[derive(Debug, Clone)]
+pub struct PeerPolicy {
+    own_uid: u32,
+    own_mount_ns: String,
+}
+
+impl PeerPolicy {
+    /// The policy for this process: its effective uid and its mount namespace.
+    pub fn for_this_process() -> std::io::Result<Self> {
+        Ok(PeerPolicy {
+            own_uid: nix::unistd::geteuid().as_raw(),
+            own_mount_ns: mount_namespace("self")?,
+        })
+    }
+
+    /// Checks the process at the other end of `stream`.
+    pub fn check(&self, stream: &UnixStream) -> Result<(), PeerRefused> {
+        let cred = stream
+            .peer_cred()
+            .map_err(|e| PeerRefused::NoCredentials(e.to_string()))?;
+        let uid = cred.uid();
+        if uid != 0 && uid != self.own_uid {
+            return Err(PeerRefused::Uid {
+                uid,
+                own: self.own_uid,
+            });
+        }
+        let pid = cred
+            .pid()
+            .ok_or_else(|| PeerRefused::NoCredentials("no peer pid".to_string()))?;
+        let theirs =
+            mount_namespace(&pid.to_string()).map_err(|e| PeerRefused::UnknownNamespace {
+                pid,
+                why: e.to_string(),
+            })?;
+        if theirs != self.own_mount_ns {
+            return Err(PeerRefused::MountNamespace {
+                pid,
+                theirs,
+                ours: self.own_mount_ns.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The mount namespace of `/proc/<pid>`, as the kernel names it (`mnt:[4026531841]`).
+fn mount_namespace(pid: &str) -> std::io::Result<String> {
+    let link = std::fs::read_link(PathBuf::from(format!("/proc/{pid}/ns/mnt")))?;
+    Ok(link.to_string_lossy().into_owned())
+}

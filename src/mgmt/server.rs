@@ -1,0 +1,403 @@
+//! The shim management server: HTTP/1.1 on the sandbox's file socket and abstract socket.
+//!
+//! Both listeners serve one router: `GET /metrics` and `GET /agent-url`. The abstract socket checks
+//! each peer first ([`PeerPolicy`]); a refused peer gets a 403, never a silent drop.
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, VARY};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::paths::{self, SocketAddress};
+use super::peer::PeerPolicy;
+use crate::metrics::scrape::ShimScraper;
+
+/// Prometheus text format 0.0.4.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more wait for a free slot.
+const MAX_CONNECTIONS: usize = 64;
+/// Request header buffer (hyper answers 431 beyond it); our requests are one short line.
+const MAX_REQUEST_BUFFER: usize = 16 * 1024;
+
+/// What the server answers with.
+pub struct MgmtState {
+    pub scraper: ShimScraper,
+    pub agent_url: String,
+}
+
+/// Where the server listens.
+#[derive(Debug, Clone)]
+pub struct MgmtConfig {
+    pub sandbox_id: String,
+    pub namespace: String,
+    pub run_dir: PathBuf,
+    /// Serve the Kata 2.0 abstract address as well (on by default).
+    pub abstract_socket: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MgmtError {
+    #[error(transparent)]
+    Id(#[from] paths::IdError),
+    #[error("invalid containerd namespace {namespace:?}: {why}")]
+    Namespace {
+        namespace: String,
+        why: &'static str,
+    },
+    #[error("creating the sandbox directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("listening on {address}: {source}")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("reading this process's credentials for the peer check: {0}")]
+    Policy(std::io::Error),
+}
+
+/// A running management server. Its sockets and sandbox directory go away on [`MgmtServer::shutdown`]
+/// or when it is dropped.
+pub struct MgmtServer {
+    sandbox_dir: PathBuf,
+    file_socket: PathBuf,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl MgmtServer {
+    pub async fn start(config: MgmtConfig, state: Arc<MgmtState>) -> Result<MgmtServer, MgmtError> {
+        paths::validate_id(&config.sandbox_id)?;
+        validate_namespace(&config.namespace)?;
+
+        let sandbox_dir = paths::sandbox_dir(&config.run_dir, &config.sandbox_id);
+        let file_socket = paths::file_socket_path(&config.run_dir, &config.sandbox_id);
+        create_private_dir(&config.run_dir)?;
+        create_private_dir(&sandbox_dir)?;
+        // A socket left by a crashed shim of the same id would make bind fail.
+        let _ = std::fs::remove_file(&file_socket);
+
+        let (stop, stopped) = watch::channel(false);
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut server = MgmtServer {
+            sandbox_dir,
+            file_socket: file_socket.clone(),
+            stop,
+            tasks: Vec::new(),
+        };
+
+        let listener = bind(&SocketAddress::File(file_socket.clone()))?;
+        std::fs::set_permissions(&file_socket, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| MgmtError::Listen {
+                address: file_socket.display().to_string(),
+                source,
+            },
+        )?;
+        server.tasks.push(tokio::spawn(accept_loop(
+            listener,
+            None,
+            state.clone(),
+            limit.clone(),
+            stopped.clone(),
+        )));
+
+        if config.abstract_socket {
+            let address = SocketAddress::Abstract(paths::abstract_socket_name(
+                &config.namespace,
+                &config.sandbox_id,
+            ));
+            let listener = bind(&address)?;
+            let policy = PeerPolicy::for_this_process().map_err(MgmtError::Policy)?;
+            server.tasks.push(tokio::spawn(accept_loop(
+                listener,
+                Some(Arc::new(policy)),
+                state,
+                limit,
+                stopped,
+            )));
+        }
+        Ok(server)
+    }
+
+    /// The file socket's path.
+    pub fn file_socket(&self) -> &Path {
+        &self.file_socket
+    }
+
+    /// Stops accepting, and removes the sockets and the sandbox directory.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        self.remove_files();
+    }
+
+    fn remove_files(&self) {
+        remove_sandbox_files_at(&self.sandbox_dir);
+    }
+}
+
+impl Drop for MgmtServer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.remove_files();
+    }
+}
+
+/// Removes what a management server of `id` leaves under `run_dir` (used by `delete` after a crash).
+pub fn remove_sandbox_files(run_dir: &Path, id: &str) -> Result<(), paths::IdError> {
+    paths::validate_id(id)?;
+    remove_sandbox_files_at(&paths::sandbox_dir(run_dir, id));
+    Ok(())
+}
+
+fn remove_sandbox_files_at(sandbox_dir: &Path) {
+    let _ = std::fs::remove_file(sandbox_dir.join(paths::SOCKET_NAME));
+    // Only if empty: something else of the sandbox may still live there.
+    let _ = std::fs::remove_dir(sandbox_dir);
+}
+
+fn validate_namespace(namespace: &str) -> Result<(), MgmtError> {
+    let bad = |why| MgmtError::Namespace {
+        namespace: namespace.to_string(),
+        why,
+    };
+    if namespace.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    // containerd namespaces: letters, digits, '.', '_', '-'; never a path.
+    if !namespace
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        || namespace.contains("..")
+    {
+        return Err(bad("only letters, digits, '.', '_' and '-' are allowed"));
+    }
+    Ok(())
+}
+
+fn create_private_dir(path: &Path) -> Result<(), MgmtError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| MgmtError::Dir {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn bind(address: &SocketAddress) -> Result<UnixListener, MgmtError> {
+    UnixListener::bind(address.to_socket_path()).map_err(|source| MgmtError::Listen {
+        address: address.to_string(),
+        source,
+    })
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    policy: Option<Arc<PeerPolicy>>,
+    state: Arc<MgmtState>,
+    limit: Arc<Semaphore>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = stopped.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // Out of fds and the like: wait a little instead of spinning.
+                    tracing::warn!(error = %err, "management server accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let refusal = policy
+            .as_ref()
+            .and_then(|policy| policy.check(&stream).err());
+        let state = state.clone();
+        tokio::spawn(async move {
+            match refusal {
+                None => serve_connection(stream, state).await,
+                Some(why) => {
+                    tracing::warn!(reason = %why, "management request refused");
+                    refuse_connection(stream, why.to_string()).await
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn http_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BUFFER);
+    builder
+}
+
+async fn serve_connection(stream: UnixStream, state: Arc<MgmtState>) {
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(route(req, &state).await) }
+    });
+    if let Err(err) = http_builder()
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(error = %err, "management connection ended with an error");
+    }
+}
+
+async fn refuse_connection(stream: UnixStream, why: String) {
+    let service = service_fn(move |_req| {
+        let why = why.clone();
+        async move { Ok::<_, Infallible>(text(StatusCode::FORBIDDEN, format!("forbidden: {why}\n"))) }
+    });
+    let _ = http_builder()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+async fn route(req: Request<Incoming>, state: &MgmtState) -> Response<Full<Bytes>> {
+    let readable = matches!(*req.method(), Method::GET | Method::HEAD);
+    match req.uri().path() {
+        "/metrics" | "/agent-url" if !readable => {
+            let mut response = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed; use GET\n".to_string(),
+            );
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            response
+        }
+        "/metrics" => {
+            let body = state.scraper.render().await;
+            metrics_response(body, accepts_gzip(&req))
+        }
+        "/agent-url" => text(StatusCode::OK, state.agent_url.clone()),
+        path => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}\n")),
+    }
+}
+
+fn metrics_response(body: String, gzip: bool) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+    headers.insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+    let body = if gzip {
+        match gzip_bytes(body.as_bytes()) {
+            Ok(compressed) => {
+                headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                compressed
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "gzip failed; sending plain text");
+                body.into_bytes()
+            }
+        }
+    } else {
+        body.into_bytes()
+    };
+    *response.body_mut() = Full::new(Bytes::from(body));
+    response
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// True when the client lists gzip in Accept-Encoding without refusing it (`q=0`).
+pub fn accepts_gzip<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or_default();
+            let quality = parts
+                .find_map(|param| param.strip_prefix("q="))
+                .map_or(1.0, |q| q.trim().parse::<f32>().unwrap_or(0.0));
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && quality > 0.0
+        })
+}
+
+pub fn gzip_bytes(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 4),
+        flate2::Compression::fast(),
+    );
+    encoder.write_all(data)?;
+    encoder.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req_with(accept: &str) -> Request<()> {
+        Request::builder()
+            .header(ACCEPT_ENCODING, accept)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn gzip_negotiation() {
+        assert!(accepts_gzip(&req_with("gzip")));
+        assert!(accepts_gzip(&req_with("deflate, gzip;q=1.0, *;q=0.5")));
+        assert!(accepts_gzip(&req_with("GZIP")));
+        assert!(!accepts_gzip(&req_with("gzip;q=0")));
+        assert!(!accepts_gzip(&req_with("identity")));
+        assert!(!accepts_gzip(&Request::new(())));
+    }
+
+    #[test]
+    fn namespaces_are_checked() {
+        assert!(validate_namespace("k8s.io").is_ok());
+        assert!(validate_namespace("default").is_ok());
+        assert!(validate_namespace("a/b").is_err());
+        assert!(validate_namespace("..").is_err());
+        assert!(validate_namespace("").is_err());
+    }
+}
