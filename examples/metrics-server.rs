@@ -10,7 +10,7 @@ use clap::Parser;
 use kata_shim_metrics::agent::client::{AgentClient, AgentTimeouts};
 use kata_shim_metrics::agent::url::AgentUrl;
 use kata_shim_metrics::metrics::exposition::Limits;
-use kata_shim_metrics::mgmt::{launch, paths};
+use kata_shim_metrics::mgmt::{self, launch, paths};
 
 #[derive(Parser)]
 struct Args {
@@ -33,6 +33,15 @@ struct Args {
     max_agent_text: Option<usize>,
     #[arg(long)]
     no_abstract: bool,
+    /// An OCI annotation of the sandbox, `key=value` (repeatable); the CRI ones give the pod labels.
+    #[arg(long = "annotation", value_parser = parse_annotation)]
+    annotations: Vec<(String, String)>,
+}
+
+fn parse_annotation(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("annotation {text:?} is not key=value"))
 }
 
 #[tokio::main]
@@ -62,6 +71,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         agent: Arc::new(AgentClient::new(args.agent_url, timeouts)),
         agent_text_limits: limits,
         abstract_socket: !args.no_abstract,
+        pod: mgmt::pod_identity_from_annotations(&args.annotations.into_iter().collect()),
     })
     .await?;
     println!("ready");

@@ -5,12 +5,14 @@
 //! - [`metrics`]: collectors (process, guest OS), the shim's global registry, exposition text handling;
 //! - [`agent`]: agent addresses and transports, the shim's agent client, and the agent's own service;
 //! - [`mgmt`]: the shim management HTTP server, its client, and where sandbox sockets live;
+//! - [`monitor`]: kata-monitor (discovery, scraping, merging, its HTTP server);
 //! - [`runtime_cli`]: `kata-runtime` subcommands.
 
 pub mod agent;
 pub mod logging;
 pub mod metrics;
 pub mod mgmt;
+pub mod monitor;
 pub mod protocols;
 pub mod runtime_cli;
 pub mod signals;

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::pod::PodIdentity;
 use super::server::{MgmtConfig, MgmtError, MgmtServer, MgmtState};
 use crate::agent::client::AgentClient;
 use crate::metrics::exposition::Limits;
@@ -20,6 +21,8 @@ pub struct SandboxMetrics {
     /// Bounds on the agent's metrics text.
     pub agent_text_limits: Limits,
     pub abstract_socket: bool,
+    /// Pod labels for kata-monitor (see [`super::pod_identity_from_annotations`]).
+    pub pod: Option<PodIdentity>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,7 @@ pub async fn start(sandbox: SandboxMetrics) -> Result<MgmtServer, LaunchError> {
     let state = Arc::new(MgmtState {
         agent_url: sandbox.agent.url().to_string(),
         scraper: ShimScraper::new(sandbox.agent.clone(), sandbox.agent_text_limits),
+        pod: sandbox.pod,
     });
     let config = MgmtConfig {
         sandbox_id: sandbox.sandbox_id,

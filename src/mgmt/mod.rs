@@ -4,4 +4,7 @@ pub mod client;
 pub mod launch;
 pub mod paths;
 pub mod peer;
+pub mod pod;
 pub mod server;
+
+pub use pod::{pod_identity_from_annotations, PodIdentity};

@@ -1,6 +1,6 @@
 //! The shim management server: HTTP/1.1 on the sandbox's file socket and abstract socket.
 //!
-//! Both listeners serve one router: `GET /metrics` and `GET /agent-url`. The abstract socket checks
+//! Both listeners serve one router: `GET /metrics`, `GET /agent-url` and `GET /pod-labels`. The abstract socket checks
 //! each peer first ([`PeerPolicy`]); a refused peer gets a 403, never a silent drop.
 
 use std::convert::Infallible;
@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use super::paths::{self, SocketAddress};
 use super::peer::PeerPolicy;
+use super::pod::PodIdentity;
 use crate::metrics::scrape::ShimScraper;
 
 /// Prometheus text format 0.0.4.
@@ -40,6 +41,8 @@ const MAX_REQUEST_BUFFER: usize = 16 * 1024;
 pub struct MgmtState {
     pub scraper: ShimScraper,
     pub agent_url: String,
+    /// The pod this sandbox belongs to (served on `/pod-labels`), when the shim knows it.
+    pub pod: Option<PodIdentity>,
 }
 
 /// Where the server listens.
@@ -293,7 +296,7 @@ async fn refuse_connection(stream: UnixStream, why: String) {
 async fn route(req: Request<Incoming>, state: &MgmtState) -> Response<Full<Bytes>> {
     let readable = matches!(*req.method(), Method::GET | Method::HEAD);
     match req.uri().path() {
-        "/metrics" | "/agent-url" if !readable => {
+        "/metrics" | "/agent-url" | "/pod-labels" if !readable => {
             let mut response = text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed; use GET\n".to_string(),
@@ -308,6 +311,13 @@ async fn route(req: Request<Incoming>, state: &MgmtState) -> Response<Full<Bytes
             metrics_response(body, accepts_gzip(&req))
         }
         "/agent-url" => text(StatusCode::OK, state.agent_url.clone()),
+        "/pod-labels" => match &state.pod {
+            Some(pod) => text(StatusCode::OK, pod.to_text()),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "this sandbox has no pod identity\n".to_string(),
+            ),
+        },
         path => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}\n")),
     }
 }

@@ -1,0 +1,455 @@
+//! Turns parsed shim families into compact per-sandbox blocks and merges them by family name.
+//!
+//! A node can hold hundreds of sandboxes with ~1000 series each. Keeping them as parsed samples, or
+//! as text with the four host labels already written into every line, would take several times
+//! the size of the shims' own bodies. So each sandbox keeps its sample lines as encoded text
+//! *without* host labels, plus the offset in every line where they go; the host labels are written
+//! while the response is produced (see `render`).
+
+use std::collections::BTreeMap;
+
+use crate::metrics::exposition::{Family, MetricType, Sample};
+use crate::metrics::scrape::HOST_LABELS;
+
+/// Shim families renamed on the way through (the shim serves its own `process_*` unprefixed).
+const SHIM_RENAMES: [(&str, &str); 1] = [("process_", "kata_shim_process_")];
+/// Names only the monitor itself may use.
+const RESERVED_PREFIX: &str = "kata_monitor_";
+
+/// One family of one sandbox: its sample lines, ready but for the host labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FamilyBlock {
+    pub name: String,
+    pub help: String,
+    pub kind: MetricType,
+    /// Encoded sample lines. Line `i` is `lines[prev..insert_i]` + host labels + the rest up to the
+    /// next insert: `name{a="b"` ^ `} 1\n`, or `name` ^ ` 1\n` for a line without labels.
+    pub lines: String,
+    /// Per line: where the host labels go; the top bit says the line already has labels.
+    pub inserts: Vec<u32>,
+}
+
+const HAS_LABELS: u32 = 1 << 31;
+
+impl FamilyBlock {
+    fn new(name: String, help: String, kind: MetricType) -> Self {
+        FamilyBlock {
+            name,
+            help,
+            kind,
+            lines: String::new(),
+            inserts: Vec::new(),
+        }
+    }
+
+    fn push_sample(&mut self, sample: &Sample) -> bool {
+        let labels: Vec<&(String, String)> = sample
+            .labels
+            .iter()
+            // A host label from a shim or guest is replaced, never repeated.
+            .filter(|(name, _)| !HOST_LABELS.contains(&name.as_str()))
+            .collect();
+        self.lines.push_str(&sample.name);
+        let mut mark = 0;
+        if !labels.is_empty() {
+            mark = HAS_LABELS;
+            self.lines.push('{');
+            for (i, (name, value)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.lines.push(',');
+                }
+                self.lines.push_str(name);
+                self.lines.push_str("=\"");
+                escape_label_value(value, &mut self.lines);
+                self.lines.push('"');
+            }
+        }
+        let Ok(offset) = u32::try_from(self.lines.len()) else {
+            return false;
+        };
+        if offset & HAS_LABELS != 0 {
+            return false;
+        }
+        self.inserts.push(offset | mark);
+        if mark != 0 {
+            self.lines.push('}');
+        }
+        self.lines.push(' ');
+        write_value(sample.value, &mut self.lines);
+        self.lines.push('\n');
+        true
+    }
+
+    /// Writes the lines with `host` (`sandbox_id="..",...`, possibly empty) added to each.
+    pub fn write_lines(&self, host: &str, out: &mut String) {
+        let mut start = 0usize;
+        for &insert in &self.inserts {
+            let offset = (insert & !HAS_LABELS) as usize;
+            let Some(head) = self.lines.get(start..offset) else {
+                return;
+            };
+            // The next line's start: after this line's newline.
+            let end = self.lines[offset..]
+                .find('\n')
+                .map_or(self.lines.len(), |i| offset + i + 1);
+            out.push_str(head);
+            if !host.is_empty() {
+                if insert & HAS_LABELS != 0 {
+                    out.push(',');
+                    out.push_str(host);
+                } else {
+                    out.push('{');
+                    out.push_str(host);
+                    out.push('}');
+                }
+            }
+            out.push_str(&self.lines[offset..end]);
+            start = end;
+        }
+    }
+}
+
+/// What one sandbox contributed to a scrape.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ShimBody {
+    /// Sorted by name, one block per name.
+    pub families: Vec<FamilyBlock>,
+}
+
+/// Builds a sandbox's blocks from its parsed families: `process_*` renamed, host labels removed,
+/// reserved or repeated families dropped. Returns the body and how many families were dropped.
+pub fn shim_body(families: Vec<Family>) -> (ShimBody, usize) {
+    let mut dropped = 0;
+    let mut blocks: Vec<FamilyBlock> = Vec::with_capacity(families.len());
+    for mut family in families {
+        for (from, to) in SHIM_RENAMES {
+            if family.name.starts_with(from) {
+                family.rename_prefix(from, to);
+                // Sample names follow the family name (`_total`, `_bucket`, ...).
+                for sample in &mut family.samples {
+                    if let Some(rest) = sample.name.strip_prefix(from) {
+                        sample.name = format!("{to}{rest}");
+                    }
+                }
+                if let Some(rest) = family.name.strip_prefix(from) {
+                    family.name = format!("{to}{rest}");
+                }
+            }
+        }
+        if family.name.starts_with(RESERVED_PREFIX) {
+            dropped += 1;
+            continue;
+        }
+        blocks.push(block_of(&family));
+    }
+    blocks.sort_by(|a, b| a.name.cmp(&b.name));
+    let before = blocks.len();
+    blocks.dedup_by(|later, first| later.name == first.name);
+    dropped += before - blocks.len();
+    (ShimBody { families: blocks }, dropped)
+}
+
+/// One family as a block (its host labels stripped, to be added at output).
+pub fn block_of(family: &Family) -> FamilyBlock {
+    let mut block = FamilyBlock::new(family.name.clone(), family.help.clone(), family.kind);
+    for sample in &family.samples {
+        if !block.push_sample(sample) {
+            // Over 2 GiB in one family: the rest is left out rather than mis-encoded.
+            break;
+        }
+    }
+    block
+}
+
+/// The families of all sandboxes, merged by name: for each name (sorted), its HELP/TYPE from the
+/// first sandbox that has it and every sandbox's lines in sandbox order. A sandbox whose family
+/// has another type than the first one is left out of that family (counted in `conflicts`).
+pub struct Merged<'a> {
+    pub families: BTreeMap<&'a str, MergedFamily<'a>>,
+    pub conflicts: usize,
+}
+
+pub struct MergedFamily<'a> {
+    pub help: &'a str,
+    pub kind: MetricType,
+    /// (host labels, block) in sandbox order.
+    pub parts: Vec<(&'a str, &'a FamilyBlock)>,
+}
+
+/// `sources`: (host label text, blocks) per sandbox, in output order.
+pub fn merge<'a>(sources: &'a [(String, Vec<FamilyBlock>)]) -> Merged<'a> {
+    let mut merged = Merged {
+        families: BTreeMap::new(),
+        conflicts: 0,
+    };
+    for (host, blocks) in sources {
+        for block in blocks {
+            let entry = merged
+                .families
+                .entry(block.name.as_str())
+                .or_insert_with(|| MergedFamily {
+                    help: &block.help,
+                    kind: block.kind,
+                    parts: Vec::new(),
+                });
+            if entry.kind == block.kind {
+                entry.parts.push((host.as_str(), block));
+            } else {
+                merged.conflicts += 1;
+            }
+        }
+    }
+    merged
+}
+
+/// `sandbox_id="..",cri_uid="..",cri_name="..",cri_namespace=".."` (empty values left out: in
+/// Prometheus an empty label is no label).
+pub fn host_labels(sandbox_id: &str, pod: &[(&str, &str); 3]) -> String {
+    let mut out = String::with_capacity(160);
+    out.push_str("sandbox_id=\"");
+    escape_label_value(sandbox_id, &mut out);
+    out.push('"');
+    for (name, value) in pod {
+        if !value.is_empty() {
+            out.push(',');
+            out.push_str(name);
+            out.push_str("=\"");
+            escape_label_value(value, &mut out);
+            out.push('"');
+        }
+    }
+    out
+}
+
+pub fn escape_label_value(value: &str, out: &mut String) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// A sample value as both text formats read it.
+pub fn write_value(value: f64, out: &mut String) {
+    use std::fmt::Write;
+    if value.is_nan() {
+        out.push_str("NaN");
+    } else if value.is_infinite() {
+        out.push_str(if value > 0.0 { "+Inf" } else { "-Inf" });
+    } else if value == value.trunc() && value.abs() < 1e15 {
+        let _ = write!(out, "{}", value as i64);
+    } else if value.abs() >= 1e15 || value.abs() < 1e-4 {
+        let _ = write!(out, "{value:e}");
+    } else {
+        let _ = write!(out, "{value}");
+    }
+}
+
+/// The monitor's own registry as families (no host labels), through the same path as the shims'.
+pub fn families_of_registry(gathered: &[prometheus::proto::MetricFamily]) -> Vec<Family> {
+    use prometheus::proto::MetricType as P;
+    gathered
+        .iter()
+        .map(|mf| {
+            let name = mf.name().to_string();
+            let mut samples = Vec::new();
+            let kind = match mf.get_field_type() {
+                P::COUNTER => MetricType::Counter,
+                P::GAUGE => MetricType::Gauge,
+                P::HISTOGRAM => MetricType::Histogram,
+                P::SUMMARY => MetricType::Summary,
+                P::UNTYPED => MetricType::Untyped,
+            };
+            for metric in mf.get_metric() {
+                let labels: Vec<(String, String)> = metric
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name().to_string(), l.value().to_string()))
+                    .collect();
+                let sample = |suffix: &str, extra: Option<(&str, String)>, value: f64| {
+                    let mut labels = labels.clone();
+                    if let Some((k, v)) = extra {
+                        labels.push((k.to_string(), v));
+                    }
+                    Sample {
+                        name: format!("{name}{suffix}"),
+                        labels,
+                        value,
+                        timestamp_ms: None,
+                    }
+                };
+                match kind {
+                    MetricType::Counter => samples.push(sample("", None, metric.counter.value())),
+                    MetricType::Gauge => samples.push(sample("", None, metric.gauge.value())),
+                    MetricType::Untyped => samples.push(sample("", None, metric.untyped.value())),
+                    MetricType::Histogram => {
+                        let h = metric.get_histogram();
+                        let mut saw_inf = false;
+                        for b in h.get_bucket() {
+                            let mut le = String::new();
+                            write_value(b.upper_bound(), &mut le);
+                            saw_inf |= b.upper_bound().is_infinite();
+                            samples.push(sample(
+                                "_bucket",
+                                Some(("le", le)),
+                                b.cumulative_count() as f64,
+                            ));
+                        }
+                        if !saw_inf {
+                            samples.push(sample(
+                                "_bucket",
+                                Some(("le", "+Inf".into())),
+                                h.get_sample_count() as f64,
+                            ));
+                        }
+                        samples.push(sample("_sum", None, h.get_sample_sum()));
+                        samples.push(sample("_count", None, h.get_sample_count() as f64));
+                    }
+                    MetricType::Summary => {
+                        let s = metric.get_summary();
+                        for q in s.get_quantile() {
+                            let mut quantile = String::new();
+                            write_value(q.quantile(), &mut quantile);
+                            samples.push(sample("", Some(("quantile", quantile)), q.value()));
+                        }
+                        samples.push(sample("_sum", None, s.sample_sum()));
+                        samples.push(sample("_count", None, s.sample_count() as f64));
+                    }
+                }
+            }
+            Family {
+                name,
+                help: mf.help().to_string(),
+                kind,
+                samples,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
+        Sample {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            value,
+            timestamp_ms: None,
+        }
+    }
+
+    fn family(name: &str, kind: MetricType, samples: Vec<Sample>) -> Family {
+        Family {
+            name: name.into(),
+            help: format!("help of {name}"),
+            kind,
+            samples,
+        }
+    }
+
+    #[test]
+    fn host_labels_are_appended_and_replace_any_the_shim_set() {
+        let block = block_of(&family(
+            "kata_guest_load",
+            MetricType::Gauge,
+            vec![
+                sample(
+                    "kata_guest_load",
+                    &[("item", "a\"b"), ("sandbox_id", "forged")],
+                    1.5,
+                ),
+                sample("kata_guest_load", &[], 2.0),
+            ],
+        ));
+        let host = host_labels(
+            "sb1",
+            &[("cri_uid", "u"), ("cri_name", ""), ("cri_namespace", "ns")],
+        );
+        let mut out = String::new();
+        block.write_lines(&host, &mut out);
+        assert_eq!(
+            out,
+            "kata_guest_load{item=\"a\\\"b\",sandbox_id=\"sb1\",cri_uid=\"u\",cri_namespace=\"ns\"} 1.5\n\
+             kata_guest_load{sandbox_id=\"sb1\",cri_uid=\"u\",cri_namespace=\"ns\"} 2\n"
+        );
+        let mut bare = String::new();
+        block.write_lines("", &mut bare);
+        assert_eq!(
+            bare,
+            "kata_guest_load{item=\"a\\\"b\"} 1.5\nkata_guest_load 2\n"
+        );
+    }
+
+    #[test]
+    fn shim_process_families_are_renamed_and_reserved_ones_dropped() {
+        let (body, dropped) = shim_body(vec![
+            family(
+                "process_cpu_seconds_total",
+                MetricType::Counter,
+                vec![sample("process_cpu_seconds_total", &[], 3.0)],
+            ),
+            family("kata_monitor_scrape_count", MetricType::Counter, vec![]),
+            family("kata_shim_fds", MetricType::Gauge, vec![]),
+            family("kata_shim_fds", MetricType::Gauge, vec![]),
+        ]);
+        let names: Vec<&str> = body.families.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec!["kata_shim_fds", "kata_shim_process_cpu_seconds_total"]
+        );
+        assert_eq!(dropped, 2);
+        assert!(body.families[1]
+            .lines
+            .starts_with("kata_shim_process_cpu_seconds_total 3"));
+    }
+
+    #[test]
+    fn merge_keeps_one_type_per_name_in_order() {
+        let a = block_of(&family("x", MetricType::Gauge, vec![sample("x", &[], 1.0)]));
+        let b = block_of(&family(
+            "x",
+            MetricType::Counter,
+            vec![sample("x", &[], 2.0)],
+        ));
+        let c = block_of(&family("w", MetricType::Gauge, vec![sample("w", &[], 3.0)]));
+        let sources = vec![
+            ("sandbox_id=\"a\"".to_string(), vec![a]),
+            ("sandbox_id=\"b\"".to_string(), vec![b, c]),
+        ];
+        let merged = merge(&sources);
+        assert_eq!(merged.conflicts, 1);
+        let names: Vec<&str> = merged.families.keys().copied().collect();
+        assert_eq!(names, vec!["w", "x"]);
+        assert_eq!(merged.families["x"].parts.len(), 1);
+    }
+
+    #[test]
+    fn values_read_back() {
+        for (value, text) in [
+            (1.0, "1"),
+            (-2.5, "-2.5"),
+            (f64::NAN, "NaN"),
+            (f64::INFINITY, "+Inf"),
+            (f64::NEG_INFINITY, "-Inf"),
+            (1e20, "1e20"),
+            (6.834512e6, "6834512"),
+            (3.1217e-05, "3.1217e-5"),
+        ] {
+            let mut out = String::new();
+            write_value(value, &mut out);
+            assert_eq!(out, text);
+            if !value.is_nan() {
+                let back: f64 = out.replace("+Inf", "inf").parse().unwrap();
+                assert_eq!(back, value);
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! kata-monitor: finds every sandbox on the node, scrapes each shim's management socket, labels
+//! and merges the results, and serves them as one Prometheus target.
+//!
+//! - [`config`]: flags and settings;
+//! - [`discovery`] and [`sandboxes`]: which sandboxes exist (inotify on the run directories);
+//! - [`scrape`]: bounded, deadline-limited scraping of the shims;
+//! - [`aggregate`] and [`render`]: relabelling, merging and writing the output;
+//! - [`metrics`]: the monitor's own `kata_monitor_*` families;
+//! - [`http`]: the endpoints.
+
+pub mod aggregate;
+pub mod config;
+pub mod discovery;
+pub mod http;
+pub mod metrics;
+pub mod render;
+pub mod sandboxes;
+pub mod scrape;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use self::aggregate::{block_of, families_of_registry, host_labels, merge, FamilyBlock};
+use self::config::{Config, MAX_SCRAPE_DEADLINE};
+use self::metrics::MonitorMetrics;
+use self::render::{ChunkSink, FamilyFilter, Format};
+use self::sandboxes::{PodLabels, Sandbox, Sandboxes};
+use self::scrape::Scraper;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error("setting up the monitor's own metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("listening on {address}: {source}")]
+    Listen {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("waiting for signals: {0}")]
+    Signals(std::io::Error),
+}
+
+/// The monitor's shared state.
+pub struct Monitor {
+    pub config: Config,
+    pub sandboxes: Arc<Sandboxes>,
+    pub metrics: Arc<MonitorMetrics>,
+    pub scraper: Scraper,
+}
+
+impl Monitor {
+    pub fn new(config: Config) -> Result<Monitor, MonitorError> {
+        Ok(Monitor {
+            scraper: Scraper::new(config.scrape_timeout, config.concurrency),
+            sandboxes: Arc::new(Sandboxes::default()),
+            metrics: Arc::new(MonitorMetrics::new()?),
+            config,
+        })
+    }
+
+    /// One scrape: every sandbox (or only `only`), then the output written into `tx` by a blocking
+    /// task. Returns once the scrape is done; the output follows as the client reads it.
+    pub async fn scrape_into(
+        &self,
+        only: Option<Arc<Sandbox>>,
+        budget: Option<Duration>,
+        format: Format,
+        filter: FamilyFilter,
+        gzip: bool,
+        tx: mpsc::Sender<Bytes>,
+    ) {
+        let started = Instant::now();
+        let budget = budget.map_or(MAX_SCRAPE_DEADLINE, |b| b.min(MAX_SCRAPE_DEADLINE));
+        let single = only.is_some();
+        let targets = match only {
+            Some(sandbox) => vec![sandbox],
+            None => self.sandboxes.all(),
+        };
+        let results = self.scraper.scrape_all(targets, started + budget).await;
+
+        let mut sources: Vec<(String, Vec<FamilyBlock>)> = Vec::with_capacity(results.len() + 1);
+        for scraped in results {
+            let id = &scraped.sandbox.id;
+            // A sandbox that left during the scrape gets no series back.
+            let present = self.sandboxes.get(id).is_some();
+            match scraped.result {
+                Ok(ok) => {
+                    if present {
+                        self.metrics.sandbox_up.with_label_values(&[id]).set(1);
+                    }
+                    self.metrics.dropped_families.inc_by(ok.dropped as u64);
+                    let pod = match scraped.sandbox.pod() {
+                        PodLabels::Known(Some(pod)) => pod,
+                        _ => Default::default(),
+                    };
+                    sources.push((host_labels(id, &pod.pairs()), ok.body.families));
+                }
+                Err(err) => {
+                    tracing::warn!(sandbox = %id, reason = err.reason(), error = %err, "sandbox not scraped");
+                    self.metrics.failed.inc();
+                    if present {
+                        self.metrics.sandbox_up.with_label_values(&[id]).set(0);
+                    }
+                }
+            }
+        }
+        self.metrics.scrapes.inc();
+        self.metrics
+            .durations
+            .observe(started.elapsed().as_secs_f64() * 1000.0);
+        if !single {
+            let own = families_of_registry(&self.metrics.registry.gather());
+            sources.push((String::new(), own.iter().map(block_of).collect()));
+        }
+
+        let metrics = self.metrics.clone();
+        // Writing hundreds of sandboxes' lines (and gzip) is CPU work: off the async threads.
+        tokio::task::spawn_blocking(move || {
+            let merged = merge(&sources);
+            metrics.dropped_families.inc_by(merged.conflicts as u64);
+            let mut sink = ChunkSink::new(tx, gzip);
+            let written =
+                render::write(&merged, format, &filter, &mut sink).and_then(|()| sink.finish());
+            if written.is_err() {
+                tracing::debug!("the client left before the whole answer was sent");
+            }
+        });
+    }
+}
+
+/// Runs the monitor until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> Result<(), MonitorError> {
+    if let Some(endpoint) = &config.runtime_endpoint {
+        tracing::info!(
+            endpoint = %endpoint,
+            "--runtime-endpoint accepted; pod labels come from the shims (/pod-labels), CRI is not queried"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen_address)
+        .await
+        .map_err(|source| MonitorError::Listen {
+            address: config.listen_address,
+            source,
+        })?;
+    let monitor = Arc::new(Monitor::new(config)?);
+    tracing::info!(
+        address = %monitor.config.listen_address,
+        run_dirs = ?monitor.config.run_dirs,
+        "kata-monitor listening"
+    );
+    // First view before the first request.
+    discovery::refresh(
+        &monitor.config.run_dirs,
+        &monitor.sandboxes,
+        &monitor.metrics,
+    );
+    let discovery = tokio::spawn(discovery::run(
+        monitor.config.run_dirs.clone(),
+        monitor.sandboxes.clone(),
+        monitor.metrics.clone(),
+    ));
+    let server = tokio::spawn(http::serve(listener, monitor));
+    let stopped = crate::signals::wait_for_termination().await;
+    discovery.abort();
+    server.abort();
+    stopped.map_err(MonitorError::Signals)
+}

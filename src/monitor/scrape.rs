@@ -1,0 +1,203 @@
+//! Scrapes many shims at once: at most `concurrency` connections, each under the per-shim timeout,
+//! the whole round under one deadline. Every sandbox gets an outcome; none is dropped silently and
+//! none can hold up the others.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::StatusCode;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::aggregate::{shim_body, ShimBody};
+use super::sandboxes::{PodLabels, Sandbox};
+use crate::metrics::exposition::{self, Limits};
+use crate::mgmt::client::{self, ClientError, GetOptions};
+use crate::mgmt::PodIdentity;
+
+/// Largest shim body read (a busy sandbox's is well under 1 MiB).
+pub const MAX_SHIM_BODY: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("the shim answered {0}")]
+    Status(StatusCode),
+    #[error("the shim's metrics are not valid text: {0}")]
+    Malformed(String),
+    #[error("not scraped before the scrape deadline")]
+    Deadline,
+}
+
+impl ScrapeError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ScrapeError::Client(ClientError::Timeout { .. }) => "timeout",
+            ScrapeError::Client(ClientError::TooLarge { .. }) => "too_large",
+            ScrapeError::Client(ClientError::Connect { .. }) => "connect",
+            ScrapeError::Client(ClientError::Http { .. }) => "http",
+            ScrapeError::Status(_) => "status",
+            ScrapeError::Malformed(_) => "malformed",
+            ScrapeError::Deadline => "deadline",
+        }
+    }
+}
+
+/// One sandbox's result.
+pub struct Scraped {
+    pub sandbox: Arc<Sandbox>,
+    pub result: Result<ScrapedBody, ScrapeError>,
+}
+
+pub struct ScrapedBody {
+    pub body: ShimBody,
+    /// Families of this body that were dropped (invalid, reserved, repeated).
+    pub dropped: usize,
+}
+
+#[derive(Clone)]
+pub struct Scraper {
+    pub timeout: Duration,
+    /// Shared by every scrape in flight, so two Prometheus servers do not double the load.
+    pub permits: Arc<Semaphore>,
+    pub limits: Limits,
+}
+
+impl Scraper {
+    pub fn new(timeout: Duration, concurrency: usize) -> Self {
+        let limits = Limits {
+            max_bytes: MAX_SHIM_BODY,
+            max_samples: 200_000,
+            ..Limits::default()
+        };
+        Scraper {
+            timeout,
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            limits,
+        }
+    }
+
+    /// Scrapes `sandboxes`; results come back in the same order.
+    pub async fn scrape_all(
+        &self,
+        sandboxes: Vec<Arc<Sandbox>>,
+        deadline: Instant,
+    ) -> Vec<Scraped> {
+        let mut tasks = JoinSet::new();
+        for (index, sandbox) in sandboxes.iter().enumerate() {
+            let (scraper, sandbox) = (self.clone(), sandbox.clone());
+            tasks.spawn(async move {
+                let Ok(Ok(_permit)) =
+                    tokio::time::timeout_at(deadline, scraper.permits.clone().acquire_owned())
+                        .await
+                else {
+                    return (index, Err(ScrapeError::Deadline));
+                };
+                let timeout = scraper
+                    .timeout
+                    .min(deadline.saturating_duration_since(Instant::now()));
+                (index, scraper.scrape_one(&sandbox, timeout).await)
+            });
+        }
+        let mut results: Vec<Option<Result<ScrapedBody, ScrapeError>>> =
+            sandboxes.iter().map(|_| None).collect();
+        loop {
+            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(Some(Ok((index, result)))) => {
+                    if let Some(slot) = results.get_mut(index) {
+                        *slot = Some(result);
+                    }
+                }
+                // A panicked task: its slot stays empty and counts as a failure below.
+                Ok(Some(Err(err))) => tracing::error!(error = %err, "scrape task failed"),
+                Ok(None) => break,
+                Err(_) => {
+                    tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        sandboxes
+            .into_iter()
+            .zip(results)
+            .map(|(sandbox, result)| Scraped {
+                sandbox,
+                result: result.unwrap_or(Err(ScrapeError::Deadline)),
+            })
+            .collect()
+    }
+
+    async fn scrape_one(
+        &self,
+        sandbox: &Sandbox,
+        timeout: Duration,
+    ) -> Result<ScrapedBody, ScrapeError> {
+        let started = Instant::now();
+        let options = GetOptions {
+            timeout,
+            max_body: MAX_SHIM_BODY,
+            gzip: false,
+        };
+        if sandbox.pod() == PodLabels::Unknown {
+            learn_pod_labels(sandbox, &options).await;
+        }
+        let options = GetOptions {
+            timeout: timeout.saturating_sub(started.elapsed()),
+            ..options
+        };
+        let response = client::get(&sandbox.socket, "/metrics", &options).await?;
+        if response.status != StatusCode::OK {
+            return Err(ScrapeError::Status(response.status));
+        }
+        let limits = self.limits.clone();
+        // Parsing is CPU work; keep it off the threads that drive sockets.
+        tokio::task::spawn_blocking(move || parse_body(&response.body, &limits))
+            .await
+            .map_err(|err| ScrapeError::Malformed(format!("parser task failed: {err}")))?
+    }
+}
+
+/// Reads a shim's `/metrics` body into a sandbox's blocks.
+pub fn parse_body(body: &[u8], limits: &Limits) -> Result<ScrapedBody, ScrapeError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|err| ScrapeError::Malformed(format!("not UTF-8: {err}")))?;
+    let parsed =
+        exposition::parse(text, limits).map_err(|err| ScrapeError::Malformed(err.to_string()))?;
+    // A live shim always has its own families: nothing usable means the body was garbage.
+    if parsed.families.is_empty() && !text.trim().is_empty() {
+        let why = parsed
+            .dropped
+            .first()
+            .map_or_else(|| "no metric families".to_string(), |d| d.reason.clone());
+        return Err(ScrapeError::Malformed(why));
+    }
+    let (body, dropped) = shim_body(parsed.families);
+    Ok(ScrapedBody {
+        body,
+        dropped: dropped + parsed.dropped.len(),
+    })
+}
+
+/// Asks the shim for its pod labels once; a shim without `/pod-labels` (404) has none.
+async fn learn_pod_labels(sandbox: &Sandbox, options: &GetOptions) {
+    let options = GetOptions {
+        max_body: 4096,
+        ..options.clone()
+    };
+    match client::get(&sandbox.socket, "/pod-labels", &options).await {
+        Ok(response) if response.status == StatusCode::OK => {
+            let text = String::from_utf8_lossy(&response.body);
+            let pod = PodIdentity::from_text(&text);
+            sandbox.set_pod(PodLabels::Known((!pod.is_empty()).then_some(pod)));
+        }
+        Ok(response) if response.status == StatusCode::NOT_FOUND => {
+            sandbox.set_pod(PodLabels::Known(None));
+        }
+        Ok(response) => {
+            tracing::debug!(sandbox = %sandbox.id, status = %response.status, "pod labels not served");
+        }
+        Err(err) => tracing::debug!(sandbox = %sandbox.id, error = %err, "pod labels not read"),
+    }
+}
