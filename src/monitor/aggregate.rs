@@ -42,12 +42,12 @@ impl FamilyBlock {
         }
     }
 
-    fn push_sample(&mut self, sample: &Sample) -> bool {
+    fn push_sample(&mut self, sample: &Sample, strip_host_labels: bool) -> bool {
         let labels: Vec<&(String, String)> = sample
             .labels
             .iter()
             // A host label from a shim or guest is replaced, never repeated.
-            .filter(|(name, _)| !HOST_LABELS.contains(&name.as_str()))
+            .filter(|(name, _)| !(strip_host_labels && HOST_LABELS.contains(&name.as_str())))
             .collect();
         self.lines.push_str(&sample.name);
         let mut mark = 0;
@@ -123,24 +123,13 @@ pub fn shim_body(families: Vec<Family>) -> (ShimBody, usize) {
     let mut blocks: Vec<FamilyBlock> = Vec::with_capacity(families.len());
     for mut family in families {
         for (from, to) in SHIM_RENAMES {
-            if family.name.starts_with(from) {
-                family.rename_prefix(from, to);
-                // Sample names follow the family name (`_total`, `_bucket`, ...).
-                for sample in &mut family.samples {
-                    if let Some(rest) = sample.name.strip_prefix(from) {
-                        sample.name = format!("{to}{rest}");
-                    }
-                }
-                if let Some(rest) = family.name.strip_prefix(from) {
-                    family.name = format!("{to}{rest}");
-                }
-            }
+            family.rename_prefix(from, to);
         }
         if family.name.starts_with(RESERVED_PREFIX) {
             dropped += 1;
             continue;
         }
-        blocks.push(block_of(&family));
+        blocks.push(block_with(&family, true));
     }
     blocks.sort_by(|a, b| a.name.cmp(&b.name));
     let before = blocks.len();
@@ -149,11 +138,20 @@ pub fn shim_body(families: Vec<Family>) -> (ShimBody, usize) {
     (ShimBody { families: blocks }, dropped)
 }
 
-/// One family as a block (its host labels stripped, to be added at output).
+/// One of the monitor's own families as a block, labels as they are.
 pub fn block_of(family: &Family) -> FamilyBlock {
+    block_with(family, false)
+}
+
+/// A shim's family as a block: its host labels stripped, to be added at output.
+pub fn shim_block(family: &Family) -> FamilyBlock {
+    block_with(family, true)
+}
+
+fn block_with(family: &Family, strip_host_labels: bool) -> FamilyBlock {
     let mut block = FamilyBlock::new(family.name.clone(), family.help.clone(), family.kind);
     for sample in &family.samples {
-        if !block.push_sample(sample) {
+        if !block.push_sample(sample, strip_host_labels) {
             // Over 2 GiB in one family: the rest is left out rather than mis-encoded.
             break;
         }
@@ -357,7 +355,7 @@ mod tests {
 
     #[test]
     fn host_labels_are_appended_and_replace_any_the_shim_set() {
-        let block = block_of(&family(
+        let block = shim_block(&family(
             "kata_guest_load",
             MetricType::Gauge,
             vec![
