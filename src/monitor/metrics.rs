@@ -66,7 +66,12 @@ impl MonitorMetrics {
         let own = ProcessCollector::new(
             Target::SelfProcess,
             "kata_monitor",
-            ProcessCollectorOptions::shim(),
+            ProcessCollectorOptions {
+                title: "kata-monitor process",
+                // The host's network counters are not the monitor's business.
+                netdev: false,
+                ..ProcessCollectorOptions::shim()
+            },
         )
         .and_then(|collector| registry.register(Box::new(collector)));
         if let Err(err) = own {
