@@ -154,7 +154,11 @@ async fn bench(n: usize, payload: &Bytes) {
             "cri_uid={:08x}-1f2e-4d3c-8b7a-{:012x}\ncri_name=bench-pod-{i}\ncri_namespace=bench\n",
             i, i
         );
-        serve_shim(listener, metrics.clone(), response("200 OK", "text/plain", pod.as_bytes()));
+        serve_shim(
+            listener,
+            metrics.clone(),
+            response("200 OK", "text/plain", pod.as_bytes()),
+        );
     }
 
     let port = free_port();
@@ -169,12 +173,18 @@ async fn bench(n: usize, payload: &Bytes) {
     let monitor = Monitor(child);
     let started = Instant::now();
     loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
             drop(stream);
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "monitor did not start");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "monitor did not start"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Wait for discovery to list all N.
@@ -183,7 +193,10 @@ async fn bench(n: usize, payload: &Bytes) {
         if count == n {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "only {count} of {n} found");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "only {count} of {n} found"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -192,7 +205,10 @@ async fn bench(n: usize, payload: &Bytes) {
         (
             "openmetrics+gzip",
             vec![
-                ("accept", "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+                (
+                    "accept",
+                    "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+                ),
                 ("accept-encoding", "gzip"),
             ],
         ),

@@ -62,6 +62,8 @@ pub struct Scraper {
     pub timeout: Duration,
     /// Shared by every scrape in flight, so two Prometheus servers do not double the load.
     pub permits: Arc<Semaphore>,
+    /// Parses at once: one per CPU, since more only hold more parsed bodies in memory.
+    parse_permits: Arc<Semaphore>,
     pub limits: Limits,
 }
 
@@ -75,6 +77,9 @@ impl Scraper {
         Scraper {
             timeout,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            parse_permits: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
             limits,
         }
     }
@@ -152,6 +157,9 @@ impl Scraper {
             return Err(ScrapeError::Status(response.status));
         }
         let limits = self.limits.clone();
+        let Ok(_parsing) = self.parse_permits.clone().acquire_owned().await else {
+            return Err(ScrapeError::Deadline);
+        };
         // Parsing is CPU work; keep it off the threads that drive sockets.
         tokio::task::spawn_blocking(move || parse_body(&response.body, &limits))
             .await
