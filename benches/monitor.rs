@@ -132,6 +132,23 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) the process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len() - 1)]
@@ -215,7 +232,11 @@ async fn bench(n: usize, payload: &Bytes) {
     ] {
         let mut times = Vec::with_capacity(SCRAPES);
         let mut size = 0;
+        let mut cpu_before = Duration::ZERO;
         for round in 0..WARMUP + SCRAPES {
+            if round == WARMUP {
+                cpu_before = cpu_time(monitor.0.id());
+            }
             let t = Instant::now();
             size = get(port, "/metrics", &headers).await;
             if round >= WARMUP {
@@ -223,10 +244,12 @@ async fn bench(n: usize, payload: &Bytes) {
             }
         }
         times.sort();
+        let cpu = cpu_time(monitor.0.id()).saturating_sub(cpu_before) / SCRAPES as u32;
         println!(
-            "| {n} | {label} | {:.0} | {:.0} | {:.1} | {} |",
+            "| {n} | {label} | {:.0} | {:.0} | {:.0} | {:.1} | {} |",
             percentile(&times, 0.5).as_secs_f64() * 1000.0,
             percentile(&times, 0.99).as_secs_f64() * 1000.0,
+            cpu.as_secs_f64() * 1000.0,
             size as f64 / 1_048_576.0,
             vm_hwm_kib(monitor.0.id()) / 1024,
         );
@@ -280,8 +303,10 @@ fn main() {
         "kata-monitor aggregate scrape, {SCRAPES} scrapes after {WARMUP} warm-up, payload {} bytes per shim",
         payload.len()
     );
-    println!("| sandboxes | request | p50 ms | p99 ms | body MiB | monitor peak RSS (VmHWM) MiB |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| sandboxes | request | p50 ms | p99 ms | monitor CPU ms/scrape | body MiB | monitor peak RSS (VmHWM) MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let payload = Arc::new(payload);
     for n in sizes {
         runtime.block_on(bench(n, &payload));

@@ -22,11 +22,16 @@ pub struct FamilyBlock {
     pub name: String,
     pub help: String,
     pub kind: MetricType,
-    /// Encoded sample lines. Line `i` is `lines[prev..insert_i]` + host labels + the rest up to the
-    /// next insert: `name{a="b"` ^ `} 1\n`, or `name` ^ ` 1\n` for a line without labels.
-    pub lines: String,
+    /// The sample names of this family (`x`, or `x_bucket`, `x_sum`, `x_count`...), stored once:
+    /// they are half of a typical body.
+    names: Vec<String>,
+    /// Per line: its sample name in `names`.
+    name_of: Vec<u8>,
+    /// Encoded sample lines without their names. Line `i` is `lines[prev..insert_i]` + host labels
+    /// + the rest up to its newline: `{a="b"` ^ `} 1\n`, or ^ ` 1\n` for a line without labels.
+    lines: String,
     /// Per line: where the host labels go; the top bit says the line already has labels.
-    pub inserts: Vec<u32>,
+    inserts: Vec<u32>,
 }
 
 const HAS_LABELS: u32 = 1 << 31;
@@ -37,19 +42,31 @@ impl FamilyBlock {
             name,
             help,
             kind,
+            names: Vec::new(),
+            name_of: Vec::new(),
             lines: String::new(),
             inserts: Vec::new(),
         }
     }
 
+    /// Adds one sample; false when the block cannot hold it (more than 256 sample names, or 2 GiB).
     fn push_sample(&mut self, sample: &Sample, strip_host_labels: bool) -> bool {
+        let index = match self.names.iter().position(|n| *n == sample.name) {
+            Some(index) => index,
+            None => {
+                self.names.push(sample.name.clone());
+                self.names.len() - 1
+            }
+        };
+        let Ok(index) = u8::try_from(index) else {
+            return false;
+        };
         let labels: Vec<&(String, String)> = sample
             .labels
             .iter()
             // A host label from a shim or guest is replaced, never repeated.
             .filter(|(name, _)| !(strip_host_labels && HOST_LABELS.contains(&name.as_str())))
             .collect();
-        self.lines.push_str(&sample.name);
         let mut mark = 0;
         if !labels.is_empty() {
             mark = HAS_LABELS;
@@ -71,6 +88,7 @@ impl FamilyBlock {
             return false;
         }
         self.inserts.push(offset | mark);
+        self.name_of.push(index);
         if mark != 0 {
             self.lines.push('}');
         }
@@ -80,18 +98,29 @@ impl FamilyBlock {
         true
     }
 
+    /// Blocks live until the answer is written, hundreds of sandboxes at once: no growth slack.
+    fn shrink(&mut self) {
+        self.lines.shrink_to_fit();
+        self.inserts.shrink_to_fit();
+        self.name_of.shrink_to_fit();
+        self.names.shrink_to_fit();
+    }
+
     /// Writes the lines with `host` (`sandbox_id="..",...`, possibly empty) added to each.
     pub fn write_lines(&self, host: &str, out: &mut String) {
         let mut start = 0usize;
-        for &insert in &self.inserts {
+        for (&insert, &name) in self.inserts.iter().zip(&self.name_of) {
             let offset = (insert & !HAS_LABELS) as usize;
-            let Some(head) = self.lines.get(start..offset) else {
+            let (Some(head), Some(rest), Some(name)) = (
+                self.lines.get(start..offset),
+                self.lines.get(offset..),
+                self.names.get(name as usize),
+            ) else {
                 return;
             };
-            // The next line's start: after this line's newline.
-            let end = self.lines[offset..]
-                .find('\n')
-                .map_or(self.lines.len(), |i| offset + i + 1);
+            // This line ends with its newline; the next starts after it.
+            let tail_len = rest.find('\n').map_or(rest.len(), |i| i + 1);
+            out.push_str(name);
             out.push_str(head);
             if !host.is_empty() {
                 if insert & HAS_LABELS != 0 {
@@ -103,8 +132,8 @@ impl FamilyBlock {
                     out.push('}');
                 }
             }
-            out.push_str(&self.lines[offset..end]);
-            start = end;
+            out.push_str(&rest[..tail_len]);
+            start = offset + tail_len;
         }
     }
 }
@@ -156,6 +185,7 @@ fn block_with(family: &Family, strip_host_labels: bool) -> FamilyBlock {
             break;
         }
     }
+    block.shrink();
     block
 }
 
@@ -404,9 +434,9 @@ mod tests {
             vec!["kata_shim_fds", "kata_shim_process_cpu_seconds_total"]
         );
         assert_eq!(dropped, 2);
-        assert!(body.families[1]
-            .lines
-            .starts_with("kata_shim_process_cpu_seconds_total 3"));
+        let mut out = String::new();
+        body.families[1].write_lines("", &mut out);
+        assert_eq!(out, "kata_shim_process_cpu_seconds_total 3\n");
     }
 
     #[test]
