@@ -51,7 +51,15 @@ impl FamilyBlock {
 
     /// Adds one sample; false when the block cannot hold it (more than 256 sample names, or 2 GiB).
     fn push_sample(&mut self, sample: &Sample, strip_host_labels: bool) -> bool {
-        let index = match self.names.iter().position(|n| *n == sample.name) {
+        // Samples of one name come together: try the previous line's name first.
+        let last = self.name_of.last().map_or(0, |&i| i as usize);
+        let same_as_last = self.names.get(last).is_some_and(|n| *n == sample.name);
+        let found = if same_as_last {
+            Some(last)
+        } else {
+            self.names.iter().position(|n| *n == sample.name)
+        };
+        let index = match found {
             Some(index) => index,
             None => {
                 self.names.push(sample.name.clone());
@@ -61,25 +69,19 @@ impl FamilyBlock {
         let Ok(index) = u8::try_from(index) else {
             return false;
         };
-        let labels: Vec<&(String, String)> = sample
+        // A host label from a shim or guest is replaced, never repeated.
+        let kept = sample
             .labels
             .iter()
-            // A host label from a shim or guest is replaced, never repeated.
-            .filter(|(name, _)| !(strip_host_labels && HOST_LABELS.contains(&name.as_str())))
-            .collect();
+            .filter(|(name, _)| !(strip_host_labels && HOST_LABELS.contains(&name.as_str())));
         let mut mark = 0;
-        if !labels.is_empty() {
+        for (name, value) in kept {
+            self.lines.push(if mark == 0 { '{' } else { ',' });
             mark = HAS_LABELS;
-            self.lines.push('{');
-            for (i, (name, value)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.lines.push(',');
-                }
-                self.lines.push_str(name);
-                self.lines.push_str("=\"");
-                escape_label_value(value, &mut self.lines);
-                self.lines.push('"');
-            }
+            self.lines.push_str(name);
+            self.lines.push_str("=\"");
+            escape_label_value(value, &mut self.lines);
+            self.lines.push('"');
         }
         let Ok(offset) = u32::try_from(self.lines.len()) else {
             return false;
