@@ -640,13 +640,28 @@ fn same_series(a: &Sample, b: &Sample) -> bool {
         && a.labels.iter().all(|(k, v)| b.label(k) == Some(v.as_str()))
 }
 
-/// Order-independent series hash; keyed (`RandomState`) so guest text cannot force collisions.
+/// Series hash over the name and the labels in name order (so label order does not matter).
+/// Keyed (`RandomState`) so guest text cannot force collisions.
 fn series_hash(hasher: &RandomState, s: &Sample) -> u64 {
-    let mut h = hasher.hash_one(s.name.as_str());
-    for (k, v) in &s.labels {
-        h = h.wrapping_add(hasher.hash_one((k.as_str(), v.as_str())));
+    let mut h = hasher.build_hasher();
+    // 0xff never occurs in UTF-8, so it separates fields unambiguously.
+    h.write(s.name.as_bytes());
+    h.write_u8(0xff);
+    let mut pair = |(k, v): &(String, String)| {
+        h.write(k.as_bytes());
+        h.write_u8(0xff);
+        h.write(v.as_bytes());
+        h.write_u8(0xff);
+    };
+    if s.labels.windows(2).all(|w| w[0].0 <= w[1].0) {
+        s.labels.iter().for_each(&mut pair);
+    } else {
+        // Rare (labels are usually written sorted): sort references, not the labels.
+        let mut sorted: Vec<&(String, String)> = s.labels.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        sorted.into_iter().for_each(pair);
     }
-    h
+    h.finish()
 }
 
 /// The key is already a hash: don't hash it again.
@@ -847,33 +862,53 @@ struct Merged {
 /// and a series repeated in a later source is dropped (one [`Dropped`] per family and source).
 pub fn merge(groups: Vec<Vec<Family>>) -> (Vec<Family>, Vec<Dropped>) {
     let hasher = RandomState::new();
+    // First pass, names and sizes only: every output family is allocated once, at full size.
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
     let mut merged: Vec<Merged> = Vec::new();
-    let mut by_name: HashMap<String, usize> = HashMap::new();
+    let mut sizes: Vec<usize> = Vec::new();
+    for family in groups.iter().flatten() {
+        let i = *by_name.entry(family.name.as_str()).or_insert_with(|| {
+            merged.push(Merged::empty_like(family));
+            sizes.push(0);
+            merged.len() - 1
+        });
+        sizes[i] += family.samples.len();
+    }
+    for (m, size) in merged.iter_mut().zip(sizes) {
+        m.family.samples.reserve_exact(size);
+        m.series.first.reserve(size);
+    }
+    let slots: HashMap<String, usize> = by_name
+        .into_iter()
+        .map(|(name, i)| (name.to_string(), i))
+        .collect();
+
     let mut dropped = Vec::new();
     for (source, group) in groups.into_iter().enumerate() {
         for family in group {
-            let i = match by_name.get(&family.name) {
-                Some(&i) => i,
-                None => {
-                    by_name.insert(family.name.clone(), merged.len());
-                    merged.push(Merged {
-                        family: Family {
-                            name: family.name.clone(),
-                            help: String::new(),
-                            kind: family.kind,
-                            samples: Vec::with_capacity(family.samples.len()),
-                        },
-                        series: SeriesIndex::default(),
-                    });
-                    merged.len() - 1
-                }
-            };
-            absorb(&mut merged[i], family, source, &hasher, &mut dropped);
+            if let Some(&i) = slots.get(&family.name) {
+                absorb(&mut merged[i], family, source, &hasher, &mut dropped);
+            }
         }
     }
     let mut families: Vec<Family> = merged.into_iter().map(|m| m.family).collect();
     families.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     (families, dropped)
+}
+
+impl Merged {
+    /// An empty family with the name and type of the first source that has it.
+    fn empty_like(family: &Family) -> Self {
+        Merged {
+            family: Family {
+                name: family.name.clone(),
+                help: String::new(),
+                kind: family.kind,
+                samples: Vec::new(),
+            },
+            series: SeriesIndex::default(),
+        }
+    }
 }
 
 /// Adds one source's family to the merged one.
