@@ -462,6 +462,17 @@ impl AgentError {
             _ => None,
         }
     }
+
+    /// The agent's own error message, if it answered with a status.
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            AgentError::Rpc {
+                source: ttrpc::Error::RpcStatus(status),
+                ..
+            } => Some(&status.message),
+            _ => None,
+        }
+    }
 }
 
 /// A status the agent sent back leaves the connection usable; anything else may not.
