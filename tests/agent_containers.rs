@@ -466,3 +466,100 @@ async fn bad_requests_get_clear_status_codes() {
     let err = sb.client.wait_process("last", "").await.expect_err("gone");
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
 }
+
+fn exec_request(id: &str, exec_id: &str, args: &[&str]) -> agent::ExecProcessRequest {
+    let mut process = oci::Process::new();
+    process.Args = args.iter().map(|a| a.to_string()).collect();
+    process.Env = vec!["PATH=/bin".into(), "WHO=exec".into()];
+    process.Cwd = "/tmp".into();
+    let mut req = agent::ExecProcessRequest::new();
+    req.container_id = id.into();
+    req.exec_id = exec_id.into();
+    req.process = Some(process).into();
+    req
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_runs_in_the_containers_namespaces() {
+    let sb = sandbox();
+    let mut s = spec(&sb.rootfs, &["sleep", "600"]);
+    s.Hostname = "host-of-c".into();
+    create_and_start(&sb, "c", s).await;
+    std::fs::write(sb.rootfs.join("tmp/marker"), "in the rootfs\n").expect("marker");
+
+    sb.client
+        .exec_process(exec_request(
+            "c",
+            "e1",
+            &[
+                "sh",
+                "-c",
+                "echo $WHO; pwd; hostname; cat /proc/1/cmdline; echo; cat marker; exit 5",
+            ],
+        ))
+        .await
+        .expect("exec");
+    let (out, err) = tokio::join!(
+        read_exec_to_eof(&sb.client, "c", "e1", false),
+        read_exec_to_eof(&sb.client, "c", "e1", true)
+    );
+    assert_eq!(err, "");
+    assert_eq!(
+        out,
+        "exec\n/tmp\nhost-of-c\nsleep\u{0}600\u{0}\nin the rootfs\n"
+    );
+    assert_eq!(
+        sb.client.wait_process("c", "e1").await.expect("wait exec"),
+        5
+    );
+
+    // Duplicate exec ids, unknown ones, and a missing program are refused clearly.
+    let err = sb
+        .client
+        .exec_process(exec_request("c", "e1", &["true"]))
+        .await
+        .expect_err("duplicate");
+    assert_eq!(code(&err), ttrpc::Code::ALREADY_EXISTS);
+    let err = sb
+        .client
+        .wait_process("c", "nope")
+        .await
+        .expect_err("unknown");
+    assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
+    let err = sb
+        .client
+        .exec_process(exec_request("c", "e2", &["nosuch"]))
+        .await
+        .expect_err("missing program");
+    assert!(message(&err).contains("\"nosuch\" not found"), "{err}");
+
+    // A long-running exec is signalled on its own; the container keeps running.
+    sb.client
+        .exec_process(exec_request("c", "e3", &["sleep", "600"]))
+        .await
+        .expect("exec sleep");
+    sb.client
+        .signal_process("c", "e3", 9)
+        .await
+        .expect("signal exec");
+    assert_eq!(sb.client.wait_process("c", "e3").await.expect("wait"), 137);
+    let err = sb.client.signal_process("c", "e3", 9).await;
+    assert!(err.is_ok(), "signalling an exited exec is fine: {err:?}");
+    sb.client.remove_container("c", 10).await.expect("remove");
+}
+
+async fn read_exec_to_eof(client: &AgentClient, id: &str, exec: &str, stderr: bool) -> String {
+    let mut out = Vec::new();
+    loop {
+        let data = if stderr {
+            client.read_stderr(id, exec, 4096).await
+        } else {
+            client.read_stdout(id, exec, 4096).await
+        }
+        .expect("read stream");
+        if data.is_empty() {
+            return String::from_utf8_lossy(&out).into_owned();
+        }
+        out.extend(data);
+    }
+}

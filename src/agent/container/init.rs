@@ -8,18 +8,19 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{signal, sigprocmask, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::unistd::{chdir, chroot, pivot_root, setgid, setgroups, sethostname, setsid, setuid};
 use nix::unistd::{Gid, Uid};
 use protobuf::Message;
 
-use super::spawn::{FD_CONFIG, FD_START, FD_STATUS, MSG_ERROR, MSG_READY};
+use super::spawn::{EXEC_MODE, FD_CONFIG, FD_MNT_NS, FD_START, FD_STATUS, MSG_ERROR, MSG_READY};
 use super::spec::{self, InitConfig, MountKind, MountPlan, DEFAULT_PATH};
 use crate::protocols::oci;
 
@@ -63,9 +64,20 @@ fn run(status: &mut File) -> Result<std::convert::Infallible> {
             ));
         }
     }
-    setup_rootfs(&config)?;
-    if let Some(name) = &config.hostname {
-        sethostname(name).map_err(|e| format!("setting the hostname to {name:?}: {e}"))?;
+    if std::env::args_os().nth(2).as_deref() == Some(EXEC_MODE.as_ref()) {
+        // In the container's other namespaces already; joining its mount namespace puts /proc
+        // (the container's) in view, where PID 1 is its init and /proc/1/root its root.
+        // SAFETY: fd 6 is the namespace fd the agent passed; nothing else owns it.
+        let mnt = unsafe { OwnedFd::from_raw_fd(FD_MNT_NS) };
+        setns(&mnt, CloneFlags::CLONE_NEWNS)
+            .map_err(|e| format!("joining the container's mount namespace: {e}"))?;
+        drop(mnt);
+        enter_root(Path::new("/proc/1/root"))?;
+    } else {
+        setup_rootfs(&config)?;
+        if let Some(name) = &config.hostname {
+            sethostname(name).map_err(|e| format!("setting the hostname to {name:?}: {e}"))?;
+        }
     }
     // Created as root, entered as the user (who then needs permission for it, as with runc).
     std::fs::create_dir_all(&config.cwd).map_err(|e| {
@@ -154,7 +166,7 @@ fn setup_rootfs(config: &InitConfig) -> Result<()> {
             .map_err(|e| format!("mounting /proc: {e}"))?;
     }
     populate_dev(&rootfs)?;
-    enter_root(&rootfs)?;
+    pivot_into(&rootfs)?;
     if config.readonly_root {
         mount(
             none,
@@ -281,9 +293,16 @@ fn populate_dev(rootfs: &Path) -> Result<()> {
     Ok(())
 }
 
+/// chroot into the container's root, for an exec'd process.
+fn enter_root(root: &Path) -> Result<()> {
+    chdir(root).map_err(|e| format!("entering {}: {e}", root.display()))?;
+    chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    chdir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
 /// pivot_root into the rootfs and detach the old root; where the agent's own root cannot be
 /// pivoted (an initramfs), move the rootfs over / and chroot instead.
-fn enter_root(rootfs: &Path) -> Result<()> {
+fn pivot_into(rootfs: &Path) -> Result<()> {
     chdir(rootfs).map_err(|e| format!("entering {}: {e}", rootfs.display()))?;
     match pivot_root(".", ".") {
         Ok(()) => {
