@@ -249,7 +249,11 @@ async fn env_cwd_user_and_hostname_apply() {
     let sb = sandbox();
     let mut s = spec(
         &sb.rootfs,
-        &["sh", "-c", "echo $FOO; pwd; id -u; id -g; hostname"],
+        &[
+            "sh",
+            "-c",
+            "echo $FOO; pwd; id -u; id -g; hostname; ulimit -n; cat /proc/self/oom_score_adj",
+        ],
     );
     s.Hostname = "box-1".into();
     let p = process(&mut s);
@@ -259,9 +263,16 @@ async fn env_cwd_user_and_hostname_apply() {
     user.UID = 1000;
     user.GID = 1001;
     p.User = Some(user).into();
+    let mut limit = oci::POSIXRlimit::new();
+    limit.Type = "RLIMIT_NOFILE".into();
+    limit.Soft = 123;
+    limit.Hard = 456;
+    p.Rlimits = vec![limit];
+    p.OOMScoreAdj = 100;
+    p.NoNewPrivileges = true;
     let (out, err, status) = run(&sb, "env", s).await;
     assert_eq!(err, "");
-    assert_eq!(out, "bar\n/tmp\n1000\n1001\nbox-1\n");
+    assert_eq!(out, "bar\n/tmp\n1000\n1001\nbox-1\n123\n100\n");
     assert_eq!(status, 0);
 }
 

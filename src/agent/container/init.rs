@@ -79,6 +79,7 @@ fn run(status: &mut File) -> Result<std::convert::Infallible> {
             sethostname(name).map_err(|e| format!("setting the hostname to {name:?}: {e}"))?;
         }
     }
+    apply_limits(&config)?;
     // Created as root, entered as the user (who then needs permission for it, as with runc).
     std::fs::create_dir_all(&config.cwd).map_err(|e| {
         format!(
@@ -319,6 +320,42 @@ fn pivot_into(rootfs: &Path) -> Result<()> {
         Err(e) => return Err(format!("pivot_root to {}: {e}", rootfs.display())),
     }
     chdir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
+/// Rlimits, OOM score and no_new_privs: set while still root, inherited across exec.
+fn apply_limits(config: &InitConfig) -> Result<()> {
+    for (resource, soft, hard) in &config.rlimits {
+        let limit = libc::rlimit {
+            rlim_cur: *soft as libc::rlim_t,
+            rlim_max: *hard as libc::rlim_t,
+        };
+        // SAFETY: setrlimit reads one rlimit from the pointer, which outlives the call.
+        if unsafe { libc::setrlimit(*resource, &limit) } < 0 {
+            return Err(format!(
+                "setrlimit {resource}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    // 0 (also proto3's "unset") resets what the agent may have set for itself; only an explicit
+    // value is worth failing for.
+    let oom = std::fs::write("/proc/self/oom_score_adj", config.oom_score_adj.to_string());
+    if let (Err(e), true) = (oom, config.oom_score_adj != 0) {
+        return Err(format!(
+            "setting oom_score_adj to {}: {e}",
+            config.oom_score_adj
+        ));
+    }
+    if config.no_new_privileges {
+        // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
+            return Err(format!(
+                "setting no_new_privs: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn switch_user(config: &InitConfig) -> Result<()> {
