@@ -574,3 +574,31 @@ async fn read_exec_to_eof(client: &AgentClient, id: &str, exec: &str, stderr: bo
         out.extend(data);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bind_mounts_tmpfs_and_a_read_only_root() {
+    let sb = sandbox();
+    let data = sb.rootfs.parent().expect("temp dir").join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    std::fs::write(data.join("f"), "from-host\n").expect("data file");
+    let mut s = spec(
+        &sb.rootfs,
+        &[
+            "sh",
+            "-c",
+            "cat /data/f; (echo > /data/g) 2>/dev/null || echo ro-bind; \
+             (echo > /x) 2>/dev/null || echo ro-root; echo ok > /tmp/t && cat /tmp/t",
+        ],
+    );
+    s.Root.as_mut().expect("root").Readonly = true;
+    let mut bind = mount("/data", "bind", &["rbind", "ro"]);
+    bind.source = data.display().to_string();
+    s.Mounts.push(bind);
+    s.Mounts
+        .push(mount("/tmp", "tmpfs", &["nosuid", "size=1m"]));
+    let (out, err, status) = run(&sb, "mounts", s).await;
+    assert_eq!(out, "from-host\nro-bind\nro-root\nok\n", "stderr: {err}");
+    assert_eq!(status, 0);
+    assert!(!data.join("g").exists());
+    assert!(!sb.rootfs.join("tmp/t").exists(), "tmpfs, not the rootfs");
+}
