@@ -17,8 +17,17 @@ const APPLETS: [&str; 10] = [
 struct Sandbox {
     client: AgentClient,
     rootfs: PathBuf,
-    _agent: Proc,
+    agent: Option<Proc>,
     _dir: tempfile::TempDir,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // SIGTERM first: the agent kills its containers, which a failed test may have left.
+        if let Some(agent) = self.agent.take() {
+            agent.terminate(Duration::from_secs(15));
+        }
+    }
 }
 
 /// A busybox rootfs and an agent serving it.
@@ -45,7 +54,7 @@ fn sandbox() -> Sandbox {
     Sandbox {
         client,
         rootfs,
-        _agent: agent,
+        agent: Some(agent),
         _dir: dir,
     }
 }

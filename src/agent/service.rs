@@ -16,7 +16,7 @@ use crate::protocols::{agent, agent_ttrpc, health, health_ttrpc};
 
 pub struct AgentService {
     metrics: AgentMetrics,
-    containers: Containers,
+    containers: Arc<Containers>,
 }
 
 impl AgentService {
@@ -24,8 +24,13 @@ impl AgentService {
     pub fn new(reaper: Reaper) -> Result<Self, prometheus::Error> {
         Ok(AgentService {
             metrics: AgentMetrics::new()?,
-            containers: Containers::new(reaper),
+            containers: Arc::new(Containers::new(reaper)),
         })
+    }
+
+    /// The containers, e.g. to kill them all when a host agent stops.
+    pub fn containers(&self) -> Arc<Containers> {
+        self.containers.clone()
     }
 }
 

@@ -1,4 +1,5 @@
-//! kata-agent: serves the agent API (GetMetrics, Health) on vsock port 1024, or on a unix socket.
+//! kata-agent: serves the agent API (containers, GetMetrics, Health) on vsock port 1024, or on a
+//! unix socket. `kata-agent init-container` (hidden) is the container init it re-executes.
 
 use clap::Parser;
 use kata_shim_metrics::agent::container::{self, spawn::INIT_SUBCOMMAND};
@@ -45,10 +46,13 @@ async fn agent_main(args: Args) {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let reaper = Reaper::start()?;
     let service = AgentService::new(reaper)?;
+    let containers = service.containers();
     let mut server = service::serve(&args.listen, service).await?;
     tracing::info!(listen = %args.listen, "agent serving");
     kata_shim_metrics::signals::wait_for_termination().await?;
     tracing::info!("agent stopping");
+    // Containers outlive their agent otherwise (on a host; in a guest the VM goes with it).
+    let _ = containers.destroy_sandbox().await;
     server.shutdown().await?;
     Ok(())
 }
