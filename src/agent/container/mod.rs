@@ -6,6 +6,25 @@
 //! - [`stdio`]: pipes or a pty, with blocking reads that return empty data at EOF;
 //! - [`state`]: one process (a container's init or an exec'd one) and its lifecycle;
 //! - [`storage`]: sandbox storages (9p shares).
+//!
+//! What the shim can rely on:
+//! - `OCI.Root.Path` is an absolute path in the guest (e.g. under a 9p share that CreateSandbox
+//!   mounted); bind mount sources are guest paths too. Mounts: proc, sysfs, tmpfs, devtmpfs,
+//!   mqueue, bind/rbind; devpts becomes a bind of the guest's /dev/pts (where the agent's ptys
+//!   live); cgroup mounts are skipped. /proc is always mounted, /dev always gets null, zero, full,
+//!   random, urandom, tty. Rlimits, OOMScoreAdj, NoNewPrivileges apply; Linux.{MaskedPaths,
+//!   ReadonlyPaths, Sysctl, Namespaces} are ignored (the VM is the isolation boundary).
+//! - CreateContainer does all the setup and finds the program, so a missing program fails
+//!   CreateContainer (INVALID_ARGUMENT); StartContainer only execs, and an exec failure comes back
+//!   as FAILED_PRECONDITION (the process then exits 127).
+//! - ReadStdout/ReadStderr block until data; empty data means EOF. With a terminal all output is
+//!   on stdout and stderr is at EOF at once. A read the client abandons still consumes the data
+//!   it gets, so keep one reader per stream.
+//! - WaitProcess: exit code, or 128 + N after signal N; any number of times, before or after exit.
+//! - SignalProcess after the exit succeeds (nothing to signal). An empty exec_id (or the container
+//!   id) names the init; SIGKILL to it ends every process of the container.
+//! - NOT_FOUND for unknown containers/processes, ALREADY_EXISTS for duplicates, INVALID_ARGUMENT
+//!   for specs the agent cannot run.
 
 pub mod init;
 pub mod spawn;
