@@ -4,9 +4,12 @@
 //! Needs the guest image (`make guest-image`): set `KSM_GUEST_DIR` to its directory (`make test` does).
 //! Only one VM runs at a time: every test here takes `VM_LOCK`.
 
+#![cfg(feature = "host")]
+
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
 
 use kata_shim_metrics::agent::client::{AgentClient, AgentTimeouts};
@@ -203,7 +206,10 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
     if let Some(pid) = daemon_pid {
         assert!(!alive(pid), "the vsock daemon (pid {pid}) is still there");
     }
-    assert!(!cfg.state_dir.exists(), "the state directory is left behind");
+    assert!(
+        !cfg.state_dir.exists(),
+        "the state directory is left behind"
+    );
     assert!(processes_mentioning(&cfg.state_dir).is_empty());
     vm.stop().await.expect("a second stop does nothing");
 }
@@ -253,6 +259,7 @@ async fn a_vm_that_cannot_boot_fails_clearly_and_leaves_nothing() {
         .err()
         .expect("a guest without agent fails");
     let text = err.to_string();
+    eprintln!("a guest without agent: {text}");
     assert!(
         matches!(err, VmError::Timeout { .. } | VmError::Exited { .. }),
         "{text}"
@@ -266,15 +273,21 @@ async fn leftovers_of_a_crashed_shim_are_cleaned_up() {
     let dir = short_temp_dir();
     let state = dir.path().join("vm");
     std::fs::create_dir(&state).expect("create the state dir");
-    // Stands in for QEMU: its command line mentions the state directory.
-    let mut ours = std::process::Command::new("sh")
-        .args(["-c", "sleep 600", "sh"])
+    // Stands in for QEMU: one process whose command line mentions the state directory.
+    let mut ours = std::process::Command::new("python3")
+        .args(["-c", "import time; time.sleep(600)"])
         .arg(&state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
-        .expect("start sh");
+        .expect("start python3");
     // A pid file naming a process that is not ours (reused pid): must survive.
     let mut other = std::process::Command::new("sleep")
         .arg("600")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .expect("start sleep");
     std::fs::write(state.join("qemu.pid"), format!("{}\n", ours.id())).expect("pid file");

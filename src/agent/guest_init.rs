@@ -283,7 +283,9 @@ fn setup_network(report: &mut SetupReport) {
     ) {
         Ok(sock) => sock,
         Err(err) => {
-            report.warn(format!("cannot open a socket to configure the network: {err}"));
+            report.warn(format!(
+                "cannot open a socket to configure the network: {err}"
+            ));
             return;
         }
     };
@@ -302,7 +304,9 @@ fn setup_network(report: &mut SetupReport) {
         return;
     }
     if let Err(err) = add_default_route(&sock, USER_NET_GATEWAY) {
-        report.warn(format!("cannot add the default route via {USER_NET_GATEWAY}: {err}"));
+        report.warn(format!(
+            "cannot add the default route via {USER_NET_GATEWAY}: {err}"
+        ));
     }
 }
 
@@ -332,12 +336,20 @@ fn ioctl(sock: &OwnedFd, request: libc::c_ulong, arg: *mut libc::c_void) -> io::
 
 fn set_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
     let mut req = ifreq(name)?;
-    ioctl(sock, libc::SIOCGIFFLAGS, &mut req as *mut _ as *mut libc::c_void)?;
+    ioctl(
+        sock,
+        libc::SIOCGIFFLAGS,
+        &mut req as *mut _ as *mut libc::c_void,
+    )?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
     unsafe {
         req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     }
-    ioctl(sock, libc::SIOCSIFFLAGS, &mut req as *mut _ as *mut libc::c_void)
+    ioctl(
+        sock,
+        libc::SIOCSIFFLAGS,
+        &mut req as *mut _ as *mut libc::c_void,
+    )
 }
 
 fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
@@ -363,10 +375,18 @@ fn netmask(prefix: u8) -> Ipv4Addr {
 fn set_address(sock: &OwnedFd, name: &str, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
     let mut req = ifreq(name)?;
     req.ifr_ifru.ifru_addr = sockaddr_in(addr);
-    ioctl(sock, libc::SIOCSIFADDR, &mut req as *mut _ as *mut libc::c_void)?;
+    ioctl(
+        sock,
+        libc::SIOCSIFADDR,
+        &mut req as *mut _ as *mut libc::c_void,
+    )?;
     let mut req = ifreq(name)?;
     req.ifr_ifru.ifru_netmask = sockaddr_in(netmask(prefix));
-    ioctl(sock, libc::SIOCSIFNETMASK, &mut req as *mut _ as *mut libc::c_void)
+    ioctl(
+        sock,
+        libc::SIOCSIFNETMASK,
+        &mut req as *mut _ as *mut libc::c_void,
+    )
 }
 
 /// Linux's `struct rtentry` (libc has no binding for glibc targets).
@@ -406,7 +426,11 @@ fn add_default_route(sock: &OwnedFd, gateway: Ipv4Addr) -> io::Result<()> {
         rt_window: 0,
         rt_irtt: 0,
     };
-    match ioctl(sock, libc::SIOCADDRT, &mut route as *mut _ as *mut libc::c_void) {
+    match ioctl(
+        sock,
+        libc::SIOCADDRT,
+        &mut route as *mut _ as *mut libc::c_void,
+    ) {
         Err(err) if err.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         other => other,
     }

@@ -136,7 +136,9 @@ pub enum VmError {
     Io { action: String, source: io::Error },
     #[error("KVM was asked for, but {0}")]
     KvmUnusable(String),
-    #[error("{what} exited before the agent answered ({status})\n--- {log_name} (tail) ---\n{log_tail}")]
+    #[error(
+        "{what} exited before the agent answered ({status})\n--- {log_name} (tail) ---\n{log_tail}"
+    )]
     Exited {
         what: &'static str,
         status: String,

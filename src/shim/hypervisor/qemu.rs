@@ -83,9 +83,8 @@ impl Vm {
             return Err(VmError::StateDirExists(cfg.state_dir.clone()));
         }
         if let Some(parent) = cfg.state_dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                VmError::io(format!("creating directory {}", parent.display()), e)
-            })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| VmError::io(format!("creating directory {}", parent.display()), e))?;
         }
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -168,7 +167,12 @@ impl Vm {
         self.remove_state_dir()
     }
 
-    async fn boot(&mut self, cfg: &VmConfig, hybrid: bool, started: Instant) -> Result<(), VmError> {
+    async fn boot(
+        &mut self,
+        cfg: &VmConfig,
+        hybrid: bool,
+        started: Instant,
+    ) -> Result<(), VmError> {
         // The accelerator first: the KVM probe boots a VM of its own.
         let probe_started = Instant::now();
         self.accel = resolve_accel(cfg).await?;
@@ -181,7 +185,10 @@ impl Vm {
             VsockDevice::VhostUser
         } else {
             let cid = find_free_cid().map_err(|e| {
-                VmError::io(format!("finding a free vsock context id in {VHOST_VSOCK_DEVICE}"), e)
+                VmError::io(
+                    format!("finding a free vsock context id in {VHOST_VSOCK_DEVICE}"),
+                    e,
+                )
             })?;
             self.agent_url = AgentUrl::Vsock {
                 cid,
@@ -353,7 +360,10 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        for child in [self.qemu.as_mut(), self.daemon.as_mut()].into_iter().flatten() {
+        for child in [self.qemu.as_mut(), self.daemon.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             let _ = child.start_kill();
         }
         let _ = self.remove_state_dir();
@@ -692,8 +702,17 @@ fn probe_kvm(qemu: &Path, kernel: &Path) -> bool {
     };
     let console = dir.join(CONSOLE_LOG);
     let child = std::process::Command::new(qemu)
-        .args(["-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "256M"])
-        .args(["-smp", "1", "-nodefaults", "-no-user-config", "-display", "none"])
+        .args([
+            "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "256M",
+        ])
+        .args([
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+        ])
         .arg("-no-reboot")
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
@@ -815,8 +834,15 @@ mod tests {
         assert!(args.contains("vhost-user-vsock-pci,chardev=vsock0"));
         assert!(args.contains("mount_tag=kataShared"));
         assert!(args.contains("console=ttyS0 panic=-1 quiet"));
-        let args = qemu_args(&cfg, Accel::Kvm, VsockDevice::Vhost { cid: 7 }, &cfg.state_dir);
-        assert!(args.join(" ").contains("vhost-vsock-pci,id=vsock0,guest-cid=7"));
+        let args = qemu_args(
+            &cfg,
+            Accel::Kvm,
+            VsockDevice::Vhost { cid: 7 },
+            &cfg.state_dir,
+        );
+        assert!(args
+            .join(" ")
+            .contains("vhost-vsock-pci,id=vsock0,guest-cid=7"));
         assert!(args.join(" ").contains("-accel kvm -cpu host"));
     }
 
@@ -825,7 +851,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path());
         cfg.vcpus = 0;
-        assert!(check_config(&cfg).unwrap_err().to_string().contains("vcpus"));
+        assert!(check_config(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("vcpus"));
         let mut cfg = config(dir.path());
         cfg.kernel = dir.path().join("nope");
         assert!(check_config(&cfg)
