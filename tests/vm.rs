@@ -55,8 +55,10 @@ fn short_temp_dir() -> tempfile::TempDir {
 fn config(guest: &Path, dir: &Path) -> VmConfig {
     let share = dir.join("shared");
     std::fs::create_dir_all(&share).expect("create the shared directory");
+    // KSM_GUEST_KERNEL=vmlinuz compares the compressed kernel's boot time.
+    let kernel = std::env::var("KSM_GUEST_KERNEL").unwrap_or_else(|_| "vmlinux".to_string());
     let mut cfg = VmConfig::new(
-        guest.join("vmlinux"),
+        guest.join(kernel),
         guest.join("initrd.img"),
         share,
         dir.join("vm"),
@@ -107,6 +109,7 @@ fn guest_collectors_are_stubs() -> bool {
 async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
     let Some(guest) = guest_dir() else { return };
     let _one_vm = VM_LOCK.lock().await;
+    kata_shim_metrics::logging::init("warn");
     let dir = short_temp_dir();
     let mut cfg = config(&guest, dir.path());
     cfg.accel = Accel::Auto;

@@ -298,10 +298,15 @@ impl Vm {
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = Instant::now();
             let err = match client.check(left.min(Duration::from_secs(1))).await {
                 Ok(()) => return Ok(()),
                 Err(err) => err,
             };
+            tracing::debug!(
+                took_ms = attempt.elapsed().as_millis() as u64,
+                "agent not ready yet: {err}"
+            );
             if Instant::now() >= deadline {
                 return Err(VmError::Timeout {
                     what: "the guest's agent",
