@@ -131,6 +131,9 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
         rss_kib(qemu_pid) / 1024
     );
     assert!(alive(qemu_pid));
+    if let Some(pid) = daemon_pid {
+        eprintln!("vsock daemon RSS {} KiB", rss_kib(pid));
+    }
     match vm.agent_url() {
         AgentUrl::Hvsock { path, port } => {
             assert_eq!(path, &cfg.state_dir.join("vm.vsock"));
@@ -186,6 +189,11 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
         let vm_bytes = 512.0 * 1024.0 * 1024.0;
         let mem_total = prom::value(&samples, "kata_guest_meminfo", &[("item", "mem_total")])
             .expect("kata_guest_meminfo{item=\"mem_total\"} is reported");
+        eprintln!(
+            "guest MemTotal {} KiB ({:.0}% of the VM's memory)",
+            mem_total / 1024.0,
+            100.0 * mem_total / vm_bytes
+        );
         assert!(
             mem_total >= 0.7 * vm_bytes && mem_total <= vm_bytes,
             "guest MemTotal {mem_total} bytes is not 70-100% of the VM's 512 MiB"
@@ -204,7 +212,11 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
         assert!(interfaces.contains(&"lo"), "lo missing: {interfaces:?}");
     }
 
+    // The client stays connected, as the shim's would: stopping must not hang on it.
+    let stopping = std::time::Instant::now();
     vm.stop().await.expect("the VM stops");
+    eprintln!("VM stopped in {:?}", stopping.elapsed());
+    drop(client);
     assert!(!alive(qemu_pid), "QEMU (pid {qemu_pid}) is still there");
     if let Some(pid) = daemon_pid {
         assert!(!alive(pid), "the vsock daemon (pid {pid}) is still there");
