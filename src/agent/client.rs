@@ -69,6 +69,8 @@ impl AgentError {
     }
 }
 
+const RPC_DEADLINE_MARGIN: Duration = Duration::from_millis(200);
+
 #[derive(Clone)]
 pub struct AgentConnection {
     pub agent: AgentServiceClient,
@@ -161,7 +163,9 @@ impl AgentClient {
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, async {
             let conn = self.connect(timeout).await?;
-            let ctx = ttrpc::context::with_duration(timeout);
+            // ttrpc's own deadline is set a little later, so that ours fires first and the
+            // failure reads as a timeout rather than as an RPC error.
+            let ctx = ttrpc::context::with_duration(timeout + RPC_DEADLINE_MARGIN);
             rpc(conn, ctx).await.map_err(|source| AgentError::Rpc {
                 action,
                 url: self.url.to_string(),
