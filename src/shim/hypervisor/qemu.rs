@@ -927,6 +927,12 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_can_move_between_tasks() {
+        fn send_and_sync<T: Send + Sync>() {}
+        send_and_sync::<Vm>();
+    }
+
+    #[test]
     fn log_tail_keeps_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
