@@ -12,7 +12,7 @@ packages=(
   prometheus                 # promtool, and a real Prometheus for scrape tests
   cpio xz-utils zstd kmod    # guest initramfs: archive, module decompression, modinfo
   util-linux iproute2 procps # setpriv, unshare, ip, ps in tests
-  ca-certificates
+  python3 ca-certificates   # python3: the guest image script extracts vmlinux
 )
 
 missing=()

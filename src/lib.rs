@@ -15,4 +15,6 @@ pub mod mgmt;
 pub mod monitor;
 pub mod protocols;
 pub mod runtime_cli;
+#[cfg(feature = "host")]
+pub mod shim;
 pub mod signals;

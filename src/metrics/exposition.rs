@@ -578,17 +578,106 @@ fn unescape_help(text: &str) -> Result<String, String> {
     Ok(help)
 }
 
-/// Parses a value the way Go's `strconv.ParseFloat` does for decimal text (`NaN`, `+Inf`, `1e3`...).
+/// Parses a value the way Go's `strconv.ParseFloat` does (`NaN`, `+Inf`, `1e3`, `0x1.8p3`...),
+/// which is what Prometheus uses: out-of-range values are errors there, so they are here too.
 pub fn parse_float(s: &str) -> Option<f64> {
-    // Rust's parser is close to Go's; keep out the few spellings Go refuses.
-    let digits = s.strip_prefix(['+', '-']).unwrap_or(s);
-    if digits.eq_ignore_ascii_case("nan") && digits.len() != s.len() {
-        return None; // Go has no signed NaN
+    let (negative, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    if digits.starts_with(['n', 'N']) {
+        // Go has no signed NaN.
+        return (digits.len() == s.len() && digits.eq_ignore_ascii_case("nan")).then_some(f64::NAN);
     }
-    if s.contains('_') {
+    if digits.starts_with(['i', 'I']) {
+        let inf = digits.eq_ignore_ascii_case("inf") || digits.eq_ignore_ascii_case("infinity");
+        return inf.then_some(if negative {
+            f64::NEG_INFINITY
+        } else {
+            f64::INFINITY
+        });
+    }
+    let magnitude = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        Some(hex) => parse_hex_float(hex)?,
+        // Rust's decimal syntax matches Go's, except that Go also takes `_` after a base prefix.
+        None if digits.starts_with(['+', '-']) => return None,
+        None => digits.parse::<f64>().ok()?,
+    };
+    if magnitude.is_infinite() {
+        return None; // Go: ErrRange
+    }
+    Some(if negative { -magnitude } else { magnitude })
+}
+
+/// The part of a Go hex float after `0x`: hex mantissa with optional point, mandatory `p` exponent.
+fn parse_hex_float(s: &str) -> Option<f64> {
+    let (mantissa, exponent) = s.split_once(['p', 'P'])?;
+    let exponent = parse_exponent(exponent)?;
+    let mut bits: u64 = 0;
+    let mut scale: i64 = 0;
+    let mut sticky = false;
+    let mut seen_point = false;
+    let mut seen_digit = false;
+    for c in mantissa.chars() {
+        if c == '.' && !seen_point {
+            seen_point = true;
+            continue;
+        }
+        let d = c.to_digit(16)?;
+        seen_digit = true;
+        if bits >> 60 == 0 {
+            bits = bits * 16 + u64::from(d);
+            if seen_point {
+                scale -= 4;
+            }
+        } else {
+            // Beyond 64 bits only "is anything left" matters for rounding.
+            sticky |= d != 0;
+            if !seen_point {
+                scale += 4;
+            }
+        }
+    }
+    if !seen_digit {
         return None;
     }
-    s.parse::<f64>().ok()
+    if sticky {
+        bits |= 1;
+    }
+    Some(scale_by_power_of_two(bits as f64, exponent + scale))
+}
+
+/// A decimal exponent with optional sign; huge ones saturate (the result is 0 or out of range).
+fn parse_exponent(s: &str) -> Option<i64> {
+    let digits = s.strip_prefix(['+', '-']).unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        s.parse::<i64>()
+            .unwrap_or(if s.starts_with('-') {
+                -100_000
+            } else {
+                100_000
+            })
+            .clamp(-100_000, 100_000),
+    )
+}
+
+/// `v * 2^e` in steps that keep each factor representable.
+fn scale_by_power_of_two(mut v: f64, mut e: i64) -> f64 {
+    while e > 1000 {
+        v *= 2f64.powi(1000);
+        e -= 1000;
+    }
+    while e < -1000 {
+        v *= 2f64.powi(-1000);
+        e += 1000;
+    }
+    v * 2f64.powi(e as i32)
 }
 
 /// Splits at the first space or tab.
@@ -640,13 +729,28 @@ fn same_series(a: &Sample, b: &Sample) -> bool {
         && a.labels.iter().all(|(k, v)| b.label(k) == Some(v.as_str()))
 }
 
-/// Order-independent series hash; keyed (`RandomState`) so guest text cannot force collisions.
+/// Series hash over the name and the labels in name order (so label order does not matter).
+/// Keyed (`RandomState`) so guest text cannot force collisions.
 fn series_hash(hasher: &RandomState, s: &Sample) -> u64 {
-    let mut h = hasher.hash_one(s.name.as_str());
-    for (k, v) in &s.labels {
-        h = h.wrapping_add(hasher.hash_one((k.as_str(), v.as_str())));
+    let mut h = hasher.build_hasher();
+    // 0xff never occurs in UTF-8, so it separates fields unambiguously.
+    h.write(s.name.as_bytes());
+    h.write_u8(0xff);
+    let mut pair = |(k, v): &(String, String)| {
+        h.write(k.as_bytes());
+        h.write_u8(0xff);
+        h.write(v.as_bytes());
+        h.write_u8(0xff);
+    };
+    if s.labels.windows(2).all(|w| w[0].0 <= w[1].0) {
+        s.labels.iter().for_each(&mut pair);
+    } else {
+        // Rare (labels are usually written sorted): sort references, not the labels.
+        let mut sorted: Vec<&(String, String)> = s.labels.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        sorted.into_iter().for_each(pair);
     }
-    h
+    h.finish()
 }
 
 /// The key is already a hash: don't hash it again.
@@ -847,33 +951,53 @@ struct Merged {
 /// and a series repeated in a later source is dropped (one [`Dropped`] per family and source).
 pub fn merge(groups: Vec<Vec<Family>>) -> (Vec<Family>, Vec<Dropped>) {
     let hasher = RandomState::new();
+    // First pass, names and sizes only: every output family is allocated once, at full size.
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
     let mut merged: Vec<Merged> = Vec::new();
-    let mut by_name: HashMap<String, usize> = HashMap::new();
+    let mut sizes: Vec<usize> = Vec::new();
+    for family in groups.iter().flatten() {
+        let i = *by_name.entry(family.name.as_str()).or_insert_with(|| {
+            merged.push(Merged::empty_like(family));
+            sizes.push(0);
+            merged.len() - 1
+        });
+        sizes[i] += family.samples.len();
+    }
+    for (m, size) in merged.iter_mut().zip(sizes) {
+        m.family.samples.reserve_exact(size);
+        m.series.first.reserve(size);
+    }
+    let slots: HashMap<String, usize> = by_name
+        .into_iter()
+        .map(|(name, i)| (name.to_string(), i))
+        .collect();
+
     let mut dropped = Vec::new();
     for (source, group) in groups.into_iter().enumerate() {
         for family in group {
-            let i = match by_name.get(&family.name) {
-                Some(&i) => i,
-                None => {
-                    by_name.insert(family.name.clone(), merged.len());
-                    merged.push(Merged {
-                        family: Family {
-                            name: family.name.clone(),
-                            help: String::new(),
-                            kind: family.kind,
-                            samples: Vec::with_capacity(family.samples.len()),
-                        },
-                        series: SeriesIndex::default(),
-                    });
-                    merged.len() - 1
-                }
-            };
-            absorb(&mut merged[i], family, source, &hasher, &mut dropped);
+            if let Some(&i) = slots.get(&family.name) {
+                absorb(&mut merged[i], family, source, &hasher, &mut dropped);
+            }
         }
     }
     let mut families: Vec<Family> = merged.into_iter().map(|m| m.family).collect();
     families.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     (families, dropped)
+}
+
+impl Merged {
+    /// An empty family with the name and type of the first source that has it.
+    fn empty_like(family: &Family) -> Self {
+        Merged {
+            family: Family {
+                name: family.name.clone(),
+                help: String::new(),
+                kind: family.kind,
+                samples: Vec::new(),
+            },
+            series: SeriesIndex::default(),
+        }
+    }
 }
 
 /// Adds one source's family to the merged one.
@@ -1164,6 +1288,10 @@ a{x=\"8\"} Inf
 a{x=\"9\"} +3 1700000000000
 a{x=\"10\"}\t10\t-1 \t
 a{x=\"11\"}11
+a{x=\"12\"} 0x1.8p1
+a{x=\"13\"} -0X10P-4
+a{x=\"14\"} -infinity
+a{x=\"15\"} 1e-400
 ";
         let e = parse_ok(text);
         assert!(e.dropped.is_empty(), "{:?}", e.dropped);
@@ -1181,7 +1309,11 @@ a{x=\"11\"}11
                 f64::INFINITY,
                 3.0,
                 10.0,
-                11.0
+                11.0,
+                3.0,
+                -1.0,
+                f64::NEG_INFINITY,
+                0.0
             ]
         );
         assert_eq!(
@@ -1189,6 +1321,44 @@ a{x=\"11\"}11
             Some(1_700_000_000_000)
         );
         assert_eq!(e.families[0].samples[9].timestamp_ms, Some(-1));
+    }
+
+    #[test]
+    fn go_float_edge_cases() {
+        assert_eq!(
+            parse_float("0x1.fffffffffffff8p0"),
+            Some(2.0),
+            "tie rounds to even"
+        );
+        assert_eq!(parse_float("0x1.fffffffffffff80001p0"), Some(2.0));
+        assert_eq!(
+            parse_float("0x1.fffffffffffff7p0"),
+            Some(2.0 - f64::EPSILON)
+        );
+        assert_eq!(parse_float("0x1p-1074"), Some(5e-324));
+        assert_eq!(parse_float("0x.8p1"), Some(1.0));
+        assert_eq!(
+            parse_float("0x1p99999999999999999999"),
+            None,
+            "out of range"
+        );
+        assert_eq!(parse_float("0x1p-99999999999999999999"), Some(0.0));
+        assert_eq!(parse_float("NaN").map(f64::is_nan), Some(true));
+        for bad in [
+            "",
+            "+",
+            "-",
+            "0x",
+            "0x1p",
+            "0x1.2.3p0",
+            "1e",
+            "1 ",
+            " 1",
+            "+nan",
+            "0x1_0p0",
+        ] {
+            assert_eq!(parse_float(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
@@ -1217,7 +1387,11 @@ a{x=\"11\"}11
             ("bad{__name__=\"x\"} 1", "reserved"),
             ("bad 1x", "invalid value"),
             ("bad", "invalid value"),
-            ("bad 0x1p3", "invalid value"),
+            ("bad 0x1.8", "invalid value"),
+            ("bad 0xp3", "invalid value"),
+            ("bad 1e400", "invalid value"),
+            ("bad +-1", "invalid value"),
+            ("bad infinit", "invalid value"),
             ("bad 1_000", "invalid value"),
             ("bad -NaN", "invalid value"),
             ("bad 1 2.5", "timestamp"),
