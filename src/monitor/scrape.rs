@@ -209,3 +209,42 @@ async fn learn_pod_labels(sandbox: &Sandbox, options: &GetOptions) {
         Err(err) => tracing::debug!(sandbox = %sandbox.id, error = %err, "pod labels not read"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Scraper::new(Duration::from_secs(1), 1).limits
+    }
+
+    #[test]
+    fn garbage_is_a_failure_and_a_good_body_keeps_its_families() {
+        for bad in [
+            &b"this { is not \"prometheus text\n"[..],
+            b"\xff\xfe",
+            b"# TYPE x gauge\nx{ 1\n",
+        ] {
+            let err = parse_body(bad, &limits()).err().expect("refused");
+            assert_eq!(err.reason(), "malformed");
+        }
+        let good = b"# TYPE process_open_fds gauge\nprocess_open_fds 7\n\
+            # TYPE kata_guest_load gauge\nkata_guest_load{sandbox_id=\"forged\",item=\"1m\"} 0.5\n\
+            # TYPE kata_monitor_scrape_count counter\nkata_monitor_scrape_count 9\n";
+        let scraped = parse_body(good, &limits()).ok().expect("accepted");
+        let names: Vec<&str> = scraped
+            .body
+            .families
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
+        assert_eq!(names, vec!["kata_guest_load", "kata_shim_process_open_fds"]);
+        assert_eq!(scraped.dropped, 1, "the shim may not fill kata_monitor_*");
+        let mut out = String::new();
+        scraped.body.families[0].write_lines("sandbox_id=\"real\"", &mut out);
+        assert_eq!(
+            out,
+            "kata_guest_load{item=\"1m\",sandbox_id=\"real\"} 0.5\n"
+        );
+    }
+}
