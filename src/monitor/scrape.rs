@@ -231,7 +231,7 @@ mod tests {
         let good = b"# TYPE process_open_fds gauge\nprocess_open_fds 7\n\
             # TYPE kata_guest_load gauge\nkata_guest_load{sandbox_id=\"forged\",item=\"1m\"} 0.5\n\
             # TYPE kata_monitor_scrape_count counter\nkata_monitor_scrape_count 9\n";
-        let scraped = parse_body(good, &limits()).ok().expect("accepted");
+        let scraped = parse_body(good, &limits()).expect("accepted");
         let names: Vec<&str> = scraped
             .body
             .families
