@@ -13,4 +13,6 @@ pub mod metrics;
 pub mod mgmt;
 pub mod protocols;
 pub mod runtime_cli;
+#[cfg(feature = "host")]
+pub mod shim;
 pub mod signals;
