@@ -2,24 +2,35 @@
 
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use ttrpc::asynchronous::{Server, TtrpcContext};
 
+use super::container::{status, stdio, Containers};
+use super::reaper::Reaper;
 use super::url::AgentUrl;
 use crate::metrics::agent::AgentMetrics;
+use crate::protocols::empty::Empty;
 use crate::protocols::{agent, agent_ttrpc, health, health_ttrpc};
 
 pub struct AgentService {
     metrics: AgentMetrics,
+    containers: Containers,
 }
 
 impl AgentService {
-    pub fn new() -> Result<Self, prometheus::Error> {
+    /// `reaper` must be the agent's one reaper (see [`Reaper`]): container processes are its children.
+    pub fn new(reaper: Reaper) -> Result<Self, prometheus::Error> {
         Ok(AgentService {
             metrics: AgentMetrics::new()?,
+            containers: Containers::new(reaper),
         })
     }
+}
+
+fn empty() -> Empty {
+    Empty::new()
 }
 
 fn internal_error(what: String) -> ttrpc::Error {
@@ -41,6 +52,168 @@ impl agent_ttrpc::AgentService for AgentService {
         reply.metrics = text;
         Ok(reply)
     }
+
+    async fn create_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::CreateSandboxRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.create_sandbox(&req).await.map(|_| empty())
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::DestroySandboxRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.destroy_sandbox().await.map(|_| empty())
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::CreateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.create(req).await.map(|_| empty())
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::StartContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .start(&req.container_id)
+            .await
+            .map(|_| empty())
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        let timeout = Duration::from_secs(req.timeout.into());
+        self.containers
+            .remove(&req.container_id, timeout)
+            .await
+            .map(|_| empty())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ExecProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.get(&req.container_id)?;
+        Err(status(
+            ttrpc::Code::UNIMPLEMENTED,
+            "ExecProcess is not supported by this agent yet",
+        ))
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .signal(&req.container_id, &req.exec_id, req.signal)
+            .map(|_| empty())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::WaitProcessRequest,
+    ) -> ttrpc::Result<agent::WaitProcessResponse> {
+        let container = self.containers.process(&req.container_id, &req.exec_id)?;
+        let mut reply = agent::WaitProcessResponse::new();
+        reply.status = container.wait().await;
+        Ok(reply)
+    }
+
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::WriteStreamRequest,
+    ) -> ttrpc::Result<agent::WriteStreamResponse> {
+        let container = self.containers.process(&req.container_id, &req.exec_id)?;
+        let written = stdio::write(&container.stdio.stdin, &req.data)
+            .await
+            .map_err(|e| stream_error(&req.container_id, "writing stdin", e))?;
+        let mut reply = agent::WriteStreamResponse::new();
+        reply.len = u32::try_from(written).unwrap_or(u32::MAX);
+        Ok(reply)
+    }
+
+    async fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ReadStreamRequest,
+    ) -> ttrpc::Result<agent::ReadStreamResponse> {
+        let container = self.containers.process(&req.container_id, &req.exec_id)?;
+        let data = stdio::read(&container.stdio.stdout, req.len)
+            .await
+            .map_err(|e| stream_error(&req.container_id, "reading stdout", e))?;
+        let mut reply = agent::ReadStreamResponse::new();
+        reply.data = data;
+        Ok(reply)
+    }
+
+    async fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ReadStreamRequest,
+    ) -> ttrpc::Result<agent::ReadStreamResponse> {
+        let container = self.containers.process(&req.container_id, &req.exec_id)?;
+        let data = stdio::read(&container.stdio.stderr, req.len)
+            .await
+            .map_err(|e| stream_error(&req.container_id, "reading stderr", e))?;
+        let mut reply = agent::ReadStreamResponse::new();
+        reply.data = data;
+        Ok(reply)
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::CloseStdinRequest,
+    ) -> ttrpc::Result<Empty> {
+        let container = self.containers.process(&req.container_id, &req.exec_id)?;
+        // Dropping the agent's end gives the process EOF (on a pty: only our writer goes away).
+        container.stdio.stdin.lock().await.take();
+        Ok(empty())
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::TtyWinResizeRequest,
+    ) -> ttrpc::Result<Empty> {
+        let container = self.containers.process(&req.container_id, &req.exec_id)?;
+        let rows = u16::try_from(req.row).unwrap_or(u16::MAX);
+        let cols = u16::try_from(req.column).unwrap_or(u16::MAX);
+        container.stdio.resize(rows, cols).map_err(|e| {
+            status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!(
+                    "resizing the terminal of container {:?}: {e}",
+                    req.container_id
+                ),
+            )
+        })?;
+        Ok(empty())
+    }
+}
+
+fn stream_error(id: &str, what: &str, err: std::io::Error) -> ttrpc::Error {
+    let code = if err.kind() == std::io::ErrorKind::BrokenPipe {
+        ttrpc::Code::FAILED_PRECONDITION
+    } else {
+        ttrpc::Code::INTERNAL
+    };
+    status(code, format!("{what} of container {id:?}: {err}"))
 }
 
 pub struct HealthService;

@@ -1,0 +1,141 @@
+//! One container: its init process (created, then started), exit status and stdio.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use protobuf::Message;
+use ttrpc::Code;
+
+use super::spawn::{self, Status};
+use super::spec;
+use super::stdio::Stdio;
+use super::{status, RpcResult};
+use crate::agent::reaper::{self, ExitWatch, Reaper};
+use crate::protocols::oci;
+
+/// Terminal size until the shim sends TtyWinResize, when the spec gives none.
+const DEFAULT_ROWS: u16 = 24;
+const DEFAULT_COLS: u16 = 80;
+
+pub struct Container {
+    pub id: String,
+    pub pid: Pid,
+    exit: ExitWatch,
+    pub stdio: Stdio,
+    /// The start and status pipes, until StartContainer used them.
+    pending: tokio::sync::Mutex<Option<(OwnedFd, OwnedFd)>>,
+}
+
+impl Container {
+    /// Validates the spec, then starts the init, which sets everything up and waits for start:
+    /// any problem it finds (mounts, user, missing program) fails CreateContainer.
+    pub async fn create(reaper: &Reaper, id: String, spec: oci::Spec) -> RpcResult<Container> {
+        let invalid = |msg: String| status(Code::INVALID_ARGUMENT, msg);
+        let config =
+            spec::translate(&spec).map_err(|e| invalid(format!("container {id:?}: {e}")))?;
+        if !config.rootfs.is_dir() {
+            return Err(invalid(format!(
+                "container {id:?}: Root.Path {} is not a directory in the guest",
+                config.rootfs.display()
+            )));
+        }
+        let internal = |what: &str, e: &dyn std::fmt::Display| {
+            status(Code::INTERNAL, format!("container {id:?}: {what}: {e}"))
+        };
+        let (stdio, child) = if config.terminal {
+            let size = spec.Process.ConsoleSize.as_ref();
+            let rows = size.map_or(0, |s| s.Height).min(u16::MAX.into()) as u16;
+            let cols = size.map_or(0, |s| s.Width).min(u16::MAX.into()) as u16;
+            Stdio::terminal(
+                if rows == 0 { DEFAULT_ROWS } else { rows },
+                if cols == 0 { DEFAULT_COLS } else { cols },
+            )
+        } else {
+            Stdio::pipes()
+        }
+        .map_err(|e| internal("creating stdio", &e))?;
+        let bytes = spec
+            .write_to_bytes()
+            .map_err(|e| internal("encoding the spec", &e))?;
+        let reaper = reaper.clone();
+        let (spawned, reported) = tokio::task::spawn_blocking(move || {
+            let spawned = spawn::spawn_init(&reaper, &bytes, child)?;
+            let mut status_pipe = File::from(spawned.status.try_clone()?);
+            let reported = spawn::read_status(&mut status_pipe)?;
+            Ok::<_, std::io::Error>((spawned, reported))
+        })
+        .await
+        .map_err(|e| internal("spawning the init", &e))?
+        .map_err(|e| internal("spawning the init", &e))?;
+        match reported {
+            Status::Ready => Ok(Container {
+                id,
+                pid: spawned.pid,
+                exit: spawned.exit,
+                stdio,
+                pending: tokio::sync::Mutex::new(Some((spawned.start, spawned.status))),
+            }),
+            Status::Error(msg) => Err(invalid(format!("creating container {id:?}: {msg}"))),
+            Status::Closed => Err(internal("the init", &"exited before it was ready")),
+        }
+    }
+
+    /// Lets the init exec the program; an exec failure comes back as FAILED_PRECONDITION.
+    pub async fn start(&self) -> RpcResult<()> {
+        let id = &self.id;
+        let (start, status_pipe) = self.pending.lock().await.take().ok_or_else(|| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!("container {id:?} was already started"),
+            )
+        })?;
+        if self.exited().is_some() {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {id:?} exited before it was started"),
+            ));
+        }
+        let reported = tokio::task::spawn_blocking(move || {
+            File::from(start).write_all(&[1])?;
+            spawn::read_status(&mut File::from(status_pipe))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match reported {
+            Ok(Status::Closed) => Ok(()),
+            Ok(Status::Error(msg)) => Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("starting container {id:?}: {msg}"),
+            )),
+            Ok(Status::Ready) => Err(status(
+                Code::INTERNAL,
+                format!("starting container {id:?}: unexpected message from its init"),
+            )),
+            Err(e) => Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("starting container {id:?}: its init is gone ({e})"),
+            )),
+        }
+    }
+
+    /// The exit code, once the process was reaped.
+    pub fn exited(&self) -> Option<i32> {
+        *self.exit.borrow()
+    }
+
+    /// Waits for the exit code (any number of callers, before or after the exit).
+    pub async fn wait(&self) -> i32 {
+        reaper::wait_exit(self.exit.clone()).await
+    }
+
+    /// Signals the process unless it already exited (then: nothing to do, no error).
+    pub fn kill(&self, reaper: &Reaper, signal: Signal) {
+        if let Err(err) = reaper.kill(self.pid, &self.exit, signal) {
+            tracing::warn!(id = %self.id, %err, "signalling the container");
+        }
+    }
+}
