@@ -2,3 +2,12 @@
 //! guest agent, and the sandbox's metrics server.
 
 pub mod config;
+pub mod container;
+pub mod hypervisor_stub;
+pub use hypervisor_stub as hypervisor;
+pub mod oci;
+pub mod rootfs;
+pub mod sandbox;
+pub mod service;
+pub mod stdio;
+pub mod task;
