@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod container;
+pub mod guest_init;
 pub mod reaper;
 pub mod service;
 pub mod transport;

@@ -120,10 +120,13 @@ where
     let mut line = Vec::with_capacity(16);
     loop {
         let mut byte = [0u8; 1];
-        let n = stream
-            .read(&mut byte)
-            .await
-            .map_err(|e| format!("reading the reply to CONNECT {port}: {e}"))?;
+        // A peer that closes with our CONNECT unread resets the connection instead of ending it:
+        // both mean the same to the caller.
+        let n = match stream.read(&mut byte).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+            Err(e) => return Err(format!("reading the reply to CONNECT {port}: {e}")),
+        };
         if n == 0 {
             return Err(format!(
                 "the peer closed the connection before answering CONNECT {port} (got {:?}); is the guest listening on port {port}?",

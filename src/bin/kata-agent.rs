@@ -1,10 +1,19 @@
 //! kata-agent: serves the agent API (GetMetrics, Health) on vsock port 1024, or on a unix socket.
+//!
+//! Started by the kernel as the guest's init (PID 1), it first sets the guest up (mounts, modules,
+//! network, hostname) and then never exits: termination signals are logged and ignored, and if the
+//! agent cannot serve, it powers the VM off so that the hypervisor exits and the shim sees it.
+//! Reaping: see `agent::reaper` (it owns waitpid for container processes).
+
+use std::time::Duration;
 
 use clap::Parser;
 use kata_shim_metrics::agent::container::{self, spawn::INIT_SUBCOMMAND};
+use kata_shim_metrics::agent::guest_init;
 use kata_shim_metrics::agent::reaper::Reaper;
 use kata_shim_metrics::agent::service::{self, AgentService};
 use kata_shim_metrics::agent::url::AgentUrl;
+use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
 #[command(name = "kata-agent", version, about = "Kata-compatible guest agent")]
@@ -19,34 +28,76 @@ struct Args {
 
 fn main() {
     // The container init (see agent::container::spawn) re-executes this binary; it must run
-    // before any thread exists, so before the tokio runtime.
+    // before any thread exists, so before the tokio runtime (and it is PID 1 of its own pid
+    // namespace, so before the guest-init check too).
     if std::env::args_os().nth(1).as_deref() == Some(INIT_SUBCOMMAND.as_ref()) {
         container::init::main();
     }
-    let args = Args::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("kata-agent: starting the async runtime: {err}");
-            std::process::exit(1);
-        }
+    let init = guest_init::is_init();
+    let args = if init {
+        // The kernel passes init the unknown words of the kernel command line: ignore them.
+        Args::try_parse().unwrap_or_else(|_| Args {
+            listen: AgentUrl::Vsock {
+                cid: kata_shim_metrics::agent::url::VSOCK_CID_ANY,
+                port: kata_shim_metrics::agent::url::DEFAULT_AGENT_PORT,
+            },
+            log_level: "info".to_string(),
+        })
+    } else {
+        Args::parse()
     };
-    runtime.block_on(agent_main(args));
-}
-
-async fn agent_main(args: Args) {
     kata_shim_metrics::logging::init(&args.log_level);
-    if let Err(err) = run(args).await {
-        eprintln!("kata-agent: {err}");
-        std::process::exit(1);
+    if init {
+        // Before any thread exists: the console and mounts are process-wide.
+        guest_init::setup_guest();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => fail(init, format!("cannot start the async runtime: {err}")),
+    };
+    let result = runtime.block_on(run(args, init));
+    match result {
+        Ok(()) if !init => {}
+        Ok(()) => fail(init, "the agent stopped serving".to_string()),
+        Err(err) => fail(init, err.to_string()),
     }
 }
 
-async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+/// Exits with an error, or as init (which must never exit) powers the VM off.
+fn fail(init: bool, what: String) -> ! {
+    eprintln!("kata-agent: {what}");
+    if !init {
+        std::process::exit(1);
+    }
+    tracing::error!("kata-agent cannot serve as the guest's init: {what}; powering off");
+    std::thread::sleep(Duration::from_millis(200));
+    let err = guest_init::power_off();
+    tracing::error!("power off failed: {err}; sleeping forever");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+async fn run(args: Args, init: bool) -> Result<(), Box<dyn std::error::Error>> {
     let reaper = Reaper::start()?;
     let service = AgentService::new(reaper)?;
     let mut server = service::serve(&args.listen, service).await?;
     tracing::info!(listen = %args.listen, "agent serving");
+    if init {
+        // PID 1 does not stop on SIGTERM or SIGINT (handlers, unlike SIG_IGN, are not inherited by
+        // the processes the agent starts).
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => tracing::warn!("SIGTERM ignored: the guest's init does not stop"),
+                _ = int.recv() => tracing::warn!("SIGINT ignored: the guest's init does not stop"),
+            }
+        }
+    }
     kata_shim_metrics::signals::wait_for_termination().await?;
     tracing::info!("agent stopping");
     server.shutdown().await?;

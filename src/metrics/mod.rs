@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod exposition;
+pub mod family;
 pub mod guest;
 pub mod process;
 pub mod registry;

@@ -262,6 +262,8 @@ fn http_builder() -> http1::Builder {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        // A client that sends its request and shuts down its write side still gets the answer.
+        .half_close(true)
         .max_buf_size(MAX_REQUEST_BUFFER);
     builder
 }

@@ -3,8 +3,7 @@
 
 pub mod config;
 pub mod container;
-pub mod hypervisor_stub;
-pub use hypervisor_stub as hypervisor;
+pub mod hypervisor;
 pub mod oci;
 pub mod rootfs;
 pub mod sandbox;

@@ -80,7 +80,8 @@ impl Sandbox {
         namespace: &str,
     ) -> Result<Sandbox, SandboxError> {
         let dirs = SandboxDirs::new(&config.run_dir(), id);
-        for dir in [&dirs.shared, &dirs.vm_state] {
+        // The VM creates its own state directory (and refuses one that exists: leftovers).
+        for dir in [&dirs.shared] {
             create_private_dir(dir).map_err(|source| SandboxError::Dir {
                 id: id.to_string(),
                 path: dir.clone(),
@@ -88,7 +89,7 @@ impl Sandbox {
             })?;
         }
         let started = Instant::now();
-        let vm = match Vm::start(&vm_config(config, &dirs)).await {
+        let mut vm = match Vm::start(&vm_config(config, &dirs)).await {
             Ok(vm) => vm,
             Err(err) => {
                 remove_dirs(&dirs, id);
@@ -99,11 +100,16 @@ impl Sandbox {
             }
         };
         let vm_ready = started.elapsed();
-        let agent = Arc::new(AgentClient::new(vm.agent_url(), config.agent_timeouts()));
+        let agent = Arc::new(AgentClient::new(
+            vm.agent_url().clone(),
+            config.agent_timeouts(),
+        ));
 
         let started = Instant::now();
         if let Err(source) = create_guest_sandbox(&agent, id).await {
-            vm.stop().await;
+            if let Err(err) = vm.stop().await {
+                tracing::warn!(sandbox = id, "stopping the VM: {err}");
+            }
             remove_dirs(&dirs, id);
             return Err(SandboxError::CreateSandbox {
                 id: id.to_string(),
@@ -118,7 +124,7 @@ impl Sandbox {
             sandbox_id: id.to_string(),
             namespace: namespace.to_string(),
             run_dir: dirs.run_dir.clone(),
-            hypervisor_pid: i32::try_from(vm.pid()).ok(),
+            hypervisor_pid: Some(vm.pid()),
             agent: agent.clone(),
             agent_text_limits: config.agent_text_limits(),
             abstract_socket: config.runtime.abstract_socket,
@@ -149,11 +155,16 @@ impl Sandbox {
 
     /// The VMM's pid: what containerd sees as every task's pid.
     pub fn pid(&self) -> u32 {
-        self.vm.pid()
+        u32::try_from(self.vm.pid()).unwrap_or_default()
+    }
+
+    /// How long the VM's boot steps took.
+    pub fn boot_timings(&self) -> hypervisor::BootTimings {
+        self.vm.timings()
     }
 
     /// Tears the sandbox down: guest sandbox, metrics server, VM, and every file of it.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         let destroy = agent::DestroySandboxRequest::new();
         if let Err(err) = self
             .agent
@@ -170,7 +181,9 @@ impl Sandbox {
             mgmt.shutdown().await;
         }
         registry::unregister_hypervisor();
-        self.vm.stop().await;
+        if let Err(err) = self.vm.stop().await {
+            tracing::warn!(sandbox = self.id, "stopping the VM: {err}");
+        }
         remove_dirs(&self.dirs, &self.id);
     }
 }
@@ -179,7 +192,9 @@ impl Sandbox {
 /// container mounts, sockets and directories. Safe to run when nothing is left.
 pub fn clean_up_leftovers(run_dir: &Path, id: &str) {
     let dirs = SandboxDirs::new(run_dir, id);
-    hypervisor::kill_leftovers(&dirs.vm_state);
+    if let Err(err) = hypervisor::kill_leftovers(&dirs.vm_state) {
+        tracing::warn!(sandbox = id, "killing the VM's leftovers: {err}");
+    }
     remove_dirs(&dirs, id);
 }
 
@@ -232,7 +247,11 @@ fn vm_config(config: &Config, dirs: &SandboxDirs) -> VmConfig {
         share_dir: dirs.shared.clone(),
         state_dir: dirs.vm_state.clone(),
         boot_timeout: qemu.boot_timeout.0,
-        kernel_params: qemu.kernel_params.clone(),
+        kernel_params: if qemu.kernel_params.is_empty() {
+            hypervisor::DEFAULT_KERNEL_PARAMS.to_string()
+        } else {
+            qemu.kernel_params.clone()
+        },
     }
 }
 
