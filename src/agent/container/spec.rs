@@ -318,7 +318,7 @@ mod tests {
         let err = |s: oci::Spec| translate(&s).expect_err("invalid").0;
         assert!(err(spec(&[])).contains("Process.Args"));
         let mut s = spec(&["x"]);
-        s.Root.as_mut().map(|r| r.Path = "rootfs".into());
+        s.Root.mut_or_insert_default().Path = "rootfs".into();
         assert!(err(s).contains("Root.Path"));
         let mut s = spec(&["x"]);
         s.Mounts = vec![mount("/x", "nfs", "srv:/", &[])];
@@ -327,10 +327,10 @@ mod tests {
         s.Mounts = vec![mount("/../etc", "tmpfs", "", &[])];
         assert!(err(s).contains("'..'"));
         let mut s = spec(&["x"]);
-        s.Process.as_mut().map(|p| p.Env = vec!["NOVALUE".into()]);
+        s.Process.mut_or_insert_default().Env = vec!["NOVALUE".into()];
         assert!(err(s).contains("NAME=value"));
         let mut s = spec(&["x"]);
-        s.Process.as_mut().map(|p| p.Cwd = "tmp".into());
+        s.Process.mut_or_insert_default().Cwd = "tmp".into();
         assert!(err(s).contains("Process.Cwd"));
     }
 }

@@ -1,0 +1,468 @@
+//! The agent running containers: a real `kata-agent` on a unix socket (the test runs as root),
+//! a busybox rootfs built by the test, and the shim's AgentClient.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kata_shim_metrics::agent::client::{AgentClient, AgentError, AgentTimeouts};
+use kata_shim_metrics::protocols::{agent, oci};
+use support::Proc;
+
+const APPLETS: [&str; 10] = [
+    "sh", "echo", "cat", "sleep", "id", "pwd", "hostname", "env", "tty", "true",
+];
+
+struct Sandbox {
+    client: AgentClient,
+    rootfs: PathBuf,
+    _agent: Proc,
+    _dir: tempfile::TempDir,
+}
+
+/// A busybox rootfs and an agent serving it.
+fn sandbox() -> Sandbox {
+    let dir = support::temp_dir();
+    let rootfs = dir.path().join("rootfs");
+    for sub in ["bin", "proc", "dev", "tmp", "etc", "sys"] {
+        std::fs::create_dir_all(rootfs.join(sub)).expect("create rootfs dirs");
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .expect("copy /bin/busybox (install busybox-static)");
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
+            .expect("symlink applet");
+    }
+    let (agent, url) = support::start_agent(dir.path());
+    let client = AgentClient::new(
+        url.parse().expect("agent url"),
+        AgentTimeouts {
+            request: Duration::from_secs(20),
+            ..AgentTimeouts::default()
+        },
+    );
+    Sandbox {
+        client,
+        rootfs,
+        _agent: agent,
+        _dir: dir,
+    }
+}
+
+fn mount(dest: &str, ty: &str, options: &[&str]) -> oci::Mount {
+    let mut m = oci::Mount::new();
+    m.destination = dest.into();
+    m.type_ = ty.into();
+    m.source = ty.into();
+    m.options = options.iter().map(|o| o.to_string()).collect();
+    m
+}
+
+/// A spec like containerd's default: proc, tmpfs /dev, devpts, sysfs, cgroup (ignored).
+fn spec(rootfs: &Path, args: &[&str]) -> oci::Spec {
+    let mut spec = oci::Spec::new();
+    let mut root = oci::Root::new();
+    root.Path = rootfs.display().to_string();
+    spec.Root = Some(root).into();
+    let mut process = oci::Process::new();
+    process.Args = args.iter().map(|a| a.to_string()).collect();
+    process.Env = vec!["PATH=/bin".into()];
+    process.Cwd = "/".into();
+    spec.Process = Some(process).into();
+    spec.Hostname = "ctr".into();
+    spec.Mounts = vec![
+        mount("/proc", "proc", &["nosuid", "noexec", "nodev"]),
+        mount(
+            "/dev",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        ),
+        mount(
+            "/dev/pts",
+            "devpts",
+            &["nosuid", "noexec", "newinstance", "ptmxmode=0666"],
+        ),
+        mount("/sys", "sysfs", &["nosuid", "noexec", "nodev", "ro"]),
+        mount("/sys/fs/cgroup", "cgroup", &["ro"]),
+    ];
+    spec
+}
+
+fn request(id: &str, spec: oci::Spec) -> agent::CreateContainerRequest {
+    let mut req = agent::CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.OCI = Some(spec).into();
+    req
+}
+
+fn process(spec: &mut oci::Spec) -> &mut oci::Process {
+    spec.Process.as_mut().expect("spec has a process")
+}
+
+async fn create_and_start(sb: &Sandbox, id: &str, spec: oci::Spec) {
+    sb.client
+        .create_container(request(id, spec))
+        .await
+        .unwrap_or_else(|e| panic!("create {id}: {e}"));
+    sb.client
+        .start_container(id)
+        .await
+        .unwrap_or_else(|e| panic!("start {id}: {e}"));
+}
+
+/// Reads a stream to EOF (an empty read).
+async fn read_to_eof(client: &AgentClient, id: &str, stderr: bool) -> String {
+    let mut out = Vec::new();
+    loop {
+        let data = if stderr {
+            client.read_stderr(id, "", 4096).await
+        } else {
+            client.read_stdout(id, "", 4096).await
+        }
+        .expect("read stream");
+        if data.is_empty() {
+            return String::from_utf8_lossy(&out).into_owned();
+        }
+        out.extend(data);
+    }
+}
+
+/// Runs a container to completion: (stdout, stderr, exit status).
+async fn run(sb: &Sandbox, id: &str, spec: oci::Spec) -> (String, String, i32) {
+    create_and_start(sb, id, spec).await;
+    let (out, err) = tokio::join!(
+        read_to_eof(&sb.client, id, false),
+        read_to_eof(&sb.client, id, true)
+    );
+    let status = sb.client.wait_process(id, "").await.expect("wait");
+    (out, err, status)
+}
+
+fn code(err: &AgentError) -> ttrpc::Code {
+    err.code()
+        .unwrap_or_else(|| panic!("expected a status from the agent, got {err}"))
+}
+
+/// The agent's message in an error status.
+fn message(err: &AgentError) -> String {
+    err.message()
+        .unwrap_or_else(|| panic!("expected a status from the agent, got {err}"))
+        .to_string()
+}
+
+fn within<F: std::future::Future>(f: F) -> tokio::time::Timeout<F> {
+    tokio::time::timeout(Duration::from_secs(30), f)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_prints_to_stdout_then_eof_and_status_zero() {
+    let sb = sandbox();
+    let (out, err, status) = run(&sb, "echo", spec(&sb.rootfs, &["echo", "hello"])).await;
+    assert_eq!(out, "hello\n");
+    assert_eq!(err, "");
+    assert_eq!(status, 0);
+    // EOF stays EOF; waiting again gives the same status.
+    assert!(sb
+        .client
+        .read_stdout("echo", "", 10)
+        .await
+        .expect("read")
+        .is_empty());
+    assert_eq!(
+        sb.client.wait_process("echo", "echo").await.expect("wait"),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exit_code_is_passed_through() {
+    let sb = sandbox();
+    let (_, err, status) = run(
+        &sb,
+        "exit3",
+        spec(&sb.rootfs, &["sh", "-c", "echo oops >&2; exit 3"]),
+    )
+    .await;
+    assert_eq!(err, "oops\n");
+    assert_eq!(status, 3);
+    assert_eq!(sb.client.wait_process("exit3", "").await.expect("wait"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_gives_137_while_other_calls_block_on_the_same_connection() {
+    let sb = sandbox();
+    create_and_start(&sb, "sleeper", spec(&sb.rootfs, &["sleep", "600"])).await;
+    // A blocked wait and a blocked read must not stall the signal on the same connection.
+    let waiting = sb.client.wait_process("sleeper", "");
+    let reading = sb.client.read_stdout("sleeper", "", 100);
+    let signalling = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sb.client.signal_process("sleeper", "", 9).await
+    };
+    let (status, data, signalled) = within(async { tokio::join!(waiting, reading, signalling) })
+        .await
+        .expect("calls finished");
+    signalled.expect("signal");
+    assert_eq!(status.expect("wait"), 137);
+    assert!(data.expect("read").is_empty(), "stdout at EOF");
+    // Signalling an exited process is not an error.
+    sb.client
+        .signal_process("sleeper", "", 15)
+        .await
+        .expect("signal after exit");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdin_round_trip_then_close_gives_eof() {
+    let sb = sandbox();
+    create_and_start(&sb, "cat", spec(&sb.rootfs, &["cat"])).await;
+    let written = sb
+        .client
+        .write_stdin("cat", "", b"ping\n".to_vec())
+        .await
+        .expect("write");
+    assert_eq!(written, 5);
+    let mut echoed = Vec::new();
+    while echoed.len() < 5 {
+        let data = within(sb.client.read_stdout("cat", "", 100))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        assert!(!data.is_empty(), "EOF before the echo");
+        echoed.extend(data);
+    }
+    assert_eq!(echoed, b"ping\n");
+    sb.client.close_stdin("cat", "").await.expect("close stdin");
+    assert_eq!(read_to_eof(&sb.client, "cat", false).await, "");
+    assert_eq!(sb.client.wait_process("cat", "").await.expect("wait"), 0);
+    let err = sb
+        .client
+        .write_stdin("cat", "", b"late".to_vec())
+        .await
+        .expect_err("stdin is closed");
+    assert_eq!(code(&err), ttrpc::Code::FAILED_PRECONDITION);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn env_cwd_user_and_hostname_apply() {
+    let sb = sandbox();
+    let mut s = spec(
+        &sb.rootfs,
+        &["sh", "-c", "echo $FOO; pwd; id -u; id -g; hostname"],
+    );
+    s.Hostname = "box-1".into();
+    let p = process(&mut s);
+    p.Env.push("FOO=bar".into());
+    p.Cwd = "/tmp".into();
+    let mut user = oci::User::new();
+    user.UID = 1000;
+    user.GID = 1001;
+    p.User = Some(user).into();
+    let (out, err, status) = run(&sb, "env", s).await;
+    assert_eq!(err, "");
+    assert_eq!(out, "bar\n/tmp\n1000\n1001\nbox-1\n");
+    assert_eq!(status, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_program_is_pid_1_of_its_own_namespace() {
+    let sb = sandbox();
+    let (out, _, status) = run(
+        &sb,
+        "pid",
+        spec(
+            &sb.rootfs,
+            &["sh", "-c", "echo $$; cat /proc/1/cmdline; echo"],
+        ),
+    )
+    .await;
+    assert_eq!(out, "1\nsh\0-c\0echo $$; cat /proc/1/cmdline; echo\0\n");
+    assert_eq!(status, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_program_fails_create_and_an_unrunnable_one_fails_start() {
+    let sb = sandbox();
+    let err = sb
+        .client
+        .create_container(request("missing", spec(&sb.rootfs, &["nosuch"])))
+        .await
+        .expect_err("no such program");
+    assert_eq!(code(&err), ttrpc::Code::INVALID_ARGUMENT);
+    assert!(
+        message(&err).contains("\"nosuch\" not found in $PATH"),
+        "{err}"
+    );
+    let err = sb
+        .client
+        .create_container(request("missing", spec(&sb.rootfs, &["/bin/nosuch"])))
+        .await
+        .expect_err("no such program");
+    assert!(message(&err).contains("/bin/nosuch not found"), "{err}");
+
+    // Passes every check at create, and only execve itself can tell it is no program.
+    std::fs::write(sb.rootfs.join("bin/garbage"), b"\x01\x02 not an executable")
+        .expect("write garbage");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        sb.rootfs.join("bin/garbage"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
+    sb.client
+        .create_container(request("garbage", spec(&sb.rootfs, &["garbage"])))
+        .await
+        .expect("create");
+    let err = sb
+        .client
+        .start_container("garbage")
+        .await
+        .expect_err("exec fails");
+    assert_eq!(code(&err), ttrpc::Code::FAILED_PRECONDITION);
+    assert!(
+        message(&err).contains("executing /bin/garbage") && message(&err).contains("format"),
+        "{err}"
+    );
+    // The failed init is reaped; its status is the init's own failure code.
+    assert_eq!(
+        sb.client.wait_process("garbage", "").await.expect("wait"),
+        127
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remove_kills_a_running_container_and_forgets_it() {
+    let sb = sandbox();
+    create_and_start(&sb, "victim", spec(&sb.rootfs, &["sleep", "600"])).await;
+    let err = sb
+        .client
+        .create_container(request("victim", spec(&sb.rootfs, &["true"])))
+        .await
+        .expect_err("duplicate");
+    assert_eq!(code(&err), ttrpc::Code::ALREADY_EXISTS);
+
+    within(sb.client.remove_container("victim", 10))
+        .await
+        .expect("remove in time")
+        .expect("remove");
+    let err = sb
+        .client
+        .wait_process("victim", "")
+        .await
+        .expect_err("gone");
+    assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
+    let err = sb
+        .client
+        .signal_process("victim", "", 9)
+        .await
+        .expect_err("gone");
+    assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
+    let err = sb
+        .client
+        .remove_container("victim", 1)
+        .await
+        .expect_err("gone");
+    assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
+
+    // A created, never started container is removed as well, and the id is free again.
+    sb.client
+        .create_container(request("victim", spec(&sb.rootfs, &["true"])))
+        .await
+        .expect("create again");
+    sb.client
+        .remove_container("victim", 10)
+        .await
+        .expect("remove created");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_container_runs_on_a_pty() {
+    let sb = sandbox();
+    let mut s = spec(&sb.rootfs, &["sh", "-c", "tty; read line; echo got $line"]);
+    process(&mut s).Terminal = true;
+    create_and_start(&sb, "tty", s).await;
+    // No separate stderr on a terminal.
+    assert!(sb
+        .client
+        .read_stderr("tty", "", 100)
+        .await
+        .expect("read")
+        .is_empty());
+    sb.client
+        .tty_win_resize("tty", "", 40, 120)
+        .await
+        .expect("resize");
+    sb.client
+        .write_stdin("tty", "", b"abc\n".to_vec())
+        .await
+        .expect("write");
+    let out = within(read_to_eof(&sb.client, "tty", false))
+        .await
+        .expect("output");
+    // The pty echoes the input too, in whatever order it arrives relative to `tty`'s output.
+    assert!(out.lines().any(|l| l.starts_with("/dev/pts/")), "{out:?}");
+    assert!(out.contains("got abc"), "{out:?}");
+    assert_eq!(sb.client.wait_process("tty", "").await.expect("wait"), 0);
+
+    create_and_start(&sb, "notty", spec(&sb.rootfs, &["true"])).await;
+    let err = sb
+        .client
+        .tty_win_resize("notty", "", 1, 1)
+        .await
+        .expect_err("no tty");
+    assert_eq!(code(&err), ttrpc::Code::FAILED_PRECONDITION);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_clear_status_codes() {
+    let sb = sandbox();
+    let err = sb
+        .client
+        .start_container("nope")
+        .await
+        .expect_err("unknown");
+    assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
+    assert!(message(&err).contains("\"nope\""), "{err}");
+    let err = sb
+        .client
+        .read_stdout("nope", "", 1)
+        .await
+        .expect_err("unknown");
+    assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
+
+    let mut s = spec(&sb.rootfs, &["true"]);
+    s.Root.as_mut().expect("root").Path = "relative/rootfs".into();
+    let err = sb
+        .client
+        .create_container(request("bad", s))
+        .await
+        .expect_err("bad spec");
+    assert_eq!(code(&err), ttrpc::Code::INVALID_ARGUMENT);
+    assert!(message(&err).contains("Root.Path"), "{err}");
+
+    let mut s = spec(&sb.rootfs, &["true"]);
+    s.Mounts.push(mount("/mnt", "nfs", &[]));
+    let err = sb
+        .client
+        .create_container(request("bad", s))
+        .await
+        .expect_err("bad mount");
+    assert_eq!(code(&err), ttrpc::Code::INVALID_ARGUMENT);
+
+    let mut storage = agent::Storage::new();
+    storage.driver = "virtio-fs".into();
+    storage.source = "tag".into();
+    storage.mount_point = "/run/x".into();
+    let mut req = agent::CreateSandboxRequest::new();
+    req.storages = vec![storage];
+    let err = sb.client.create_sandbox(req).await.expect_err("driver");
+    assert_eq!(code(&err), ttrpc::Code::INVALID_ARGUMENT);
+    assert!(message(&err).contains("virtio-fs"), "{err}");
+
+    // With nothing mounted, destroying the sandbox still works (and kills what runs).
+    create_and_start(&sb, "last", spec(&sb.rootfs, &["sleep", "600"])).await;
+    sb.client.destroy_sandbox().await.expect("destroy");
+    let err = sb.client.wait_process("last", "").await.expect_err("gone");
+    assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
+}
