@@ -46,6 +46,11 @@ fn main() {
     } else {
         Args::parse()
     };
+    if init {
+        // The serial console is read by people and by the shim's error messages: no colour codes.
+        // Still single-threaded here, so changing the environment is safe.
+        std::env::set_var("NO_COLOR", "1");
+    }
     kata_shim_metrics::logging::init(&args.log_level);
     if init {
         // Before any thread exists: the console and mounts are process-wide.
