@@ -221,13 +221,7 @@ async fn create_guest_sandbox(agent: &AgentClient, id: &str) -> Result<(), Agent
         }],
         ..Default::default()
     };
-    let timeout = agent.timeouts().request;
-    agent
-        .call("grpc.CreateSandboxRequest", timeout, |c, ctx| async move {
-            c.agent.create_sandbox(ctx, &req).await
-        })
-        .await
-        .map(|_| ())
+    agent.create_sandbox(req).await
 }
 
 fn vm_config(config: &Config, dirs: &SandboxDirs) -> VmConfig {

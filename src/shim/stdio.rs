@@ -7,19 +7,15 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::task::JoinHandle;
 
 use crate::agent::client::{AgentClient, AgentError};
-use crate::protocols::agent;
 
 /// How much one ReadStdout/ReadStderr asks for.
 const READ_CHUNK: u32 = 32 * 1024;
-/// Reads block in the agent until output arrives; only a dead VM ends them otherwise.
-const STREAM_CALL_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutStream {
@@ -84,32 +80,10 @@ async fn read_stream(
     container_id: &str,
     stream: OutStream,
 ) -> Result<Vec<u8>, AgentError> {
-    let req = agent::ReadStreamRequest {
-        container_id: container_id.to_string(),
-        len: READ_CHUNK,
-        ..Default::default()
-    };
-    let reply = match stream {
-        OutStream::Stdout => {
-            agent
-                .call(
-                    "grpc.ReadStreamRequest",
-                    STREAM_CALL_TIMEOUT,
-                    |c, ctx| async move { c.agent.read_stdout(ctx, &req).await },
-                )
-                .await?
-        }
-        OutStream::Stderr => {
-            agent
-                .call(
-                    "grpc.ReadStreamRequest",
-                    STREAM_CALL_TIMEOUT,
-                    |c, ctx| async move { c.agent.read_stderr(ctx, &req).await },
-                )
-                .await?
-        }
-    };
-    Ok(reply.data)
+    match stream {
+        OutStream::Stdout => agent.read_stdout(container_id, "", READ_CHUNK).await,
+        OutStream::Stderr => agent.read_stderr(container_id, "", READ_CHUNK).await,
+    }
 }
 
 /// Copies `path` to the process's stdin, then closes it in the guest at EOF.
@@ -137,33 +111,16 @@ pub fn copy_input(
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            let req = agent::WriteStreamRequest {
-                container_id: container_id.clone(),
-                data: buf[..n].to_vec(),
-                ..Default::default()
-            };
-            let timeout = agent.timeouts().request;
-            let written = agent
-                .call("grpc.WriteStreamRequest", timeout, |c, ctx| async move {
-                    c.agent.write_stdin(ctx, &req).await
-                })
-                .await;
-            if let Err(err) = written {
+            // The agent writes all of it (or fails).
+            if let Err(err) = agent
+                .write_stdin(&container_id, "", buf[..n].to_vec())
+                .await
+            {
                 tracing::debug!(container_id, "stdin ends: {err}");
                 return;
             }
         }
-        let req = agent::CloseStdinRequest {
-            container_id: container_id.clone(),
-            ..Default::default()
-        };
-        let timeout = agent.timeouts().request;
-        if let Err(err) = agent
-            .call("grpc.CloseStdinRequest", timeout, |c, ctx| async move {
-                c.agent.close_stdin(ctx, &req).await
-            })
-            .await
-        {
+        if let Err(err) = agent.close_stdin(&container_id, "").await {
             tracing::debug!(container_id, "closing stdin: {err}");
         }
     }))

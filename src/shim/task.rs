@@ -35,8 +35,6 @@ use super::stdio::{self, OutStream, StdioPaths};
 use crate::metrics::registry::SHIM_RPC_DURATIONS;
 use crate::protocols::agent;
 
-/// Blocking agent calls (WaitProcess) end when the process does; only a dead VM ends them early.
-const WAIT_CALL_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long a finished process's output may take to drain before its exit is reported.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Seconds the agent gives a container's processes to die on RemoveContainer.
@@ -161,14 +159,7 @@ impl TaskService {
                 OCI: Some(agent_spec).into(),
                 ..Default::default()
             };
-            let timeout = agent.timeouts().request;
-            let result = agent
-                .call(
-                    "grpc.CreateContainerRequest",
-                    timeout,
-                    |c, ctx| async move { c.agent.create_container(ctx, &create).await },
-                )
-                .await;
+            let result = agent.create_container(create).await;
             if let Err(err) = result {
                 rootfs::unshare(Some(&bundle), &shared_dir, &req.id);
                 return Err(error(
@@ -251,18 +242,7 @@ impl TaskService {
             OutStream::Stderr,
             container.stdio.stderr.clone(),
         );
-        let start = agent::StartContainerRequest {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
-        let timeout = container.agent.timeouts().request;
-        if let Err(e) = container
-            .agent
-            .call("grpc.StartContainerRequest", timeout, |c, ctx| async move {
-                c.agent.start_container(ctx, &start).await
-            })
-            .await
-        {
+        if let Err(e) = container.agent.start_container(&req.id).await {
             out.abort();
             err.abort();
             return Err(error(
@@ -315,19 +295,9 @@ impl TaskService {
             }),
         };
         container.set_exit(exit);
-        let remove = agent::RemoveContainerRequest {
-            container_id: req.id.clone(),
-            timeout: REMOVE_TIMEOUT_SECS,
-            ..Default::default()
-        };
-        let timeout = container.agent.timeouts().request;
         if let Err(err) = container
             .agent
-            .call(
-                "grpc.RemoveContainerRequest",
-                timeout,
-                |c, ctx| async move { c.agent.remove_container(ctx, &remove).await },
-            )
+            .remove_container(&req.id, REMOVE_TIMEOUT_SECS)
             .await
         {
             // The VM may already be gone; the host side is cleaned up regardless.
@@ -377,20 +347,8 @@ async fn wait_for_exit(
     out: tokio::task::JoinHandle<()>,
     err: tokio::task::JoinHandle<()>,
 ) {
-    let req = agent::WaitProcessRequest {
-        container_id: container.id.clone(),
-        ..Default::default()
-    };
-    let status = match container
-        .agent
-        .call(
-            "grpc.WaitProcessRequest",
-            WAIT_CALL_TIMEOUT,
-            |c, ctx| async move { c.agent.wait_process(ctx, &req).await },
-        )
-        .await
-    {
-        Ok(reply) => u32::try_from(reply.status).unwrap_or(UNKNOWN_EXIT),
+    let status = match container.agent.wait_process(&container.id, "").await {
+        Ok(status) => u32::try_from(status).unwrap_or(UNKNOWN_EXIT),
         Err(e) => {
             tracing::warn!(container = container.id, "WaitProcess: {e}");
             UNKNOWN_EXIT
@@ -489,18 +447,8 @@ impl Task for TaskService {
                     format!("process of container {:?} already finished", req.id),
                 ));
             }
-            let signal = agent::SignalProcessRequest {
-                container_id: req.id.clone(),
-                signal: req.signal,
-                ..Default::default()
-            };
-            let timeout = c.agent.timeouts().request;
             c.agent
-                .call(
-                    "grpc.SignalProcessRequest",
-                    timeout,
-                    |conn, ctx| async move { conn.agent.signal_process(ctx, &signal).await },
-                )
+                .signal_process(&req.id, "", req.signal)
                 .await
                 .map_err(|err| {
                     error(
@@ -601,19 +549,8 @@ impl Task for TaskService {
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
         timed("resize_pty", async {
             let c = self.container(&req.id, &req.exec_id)?;
-            let resize = agent::TtyWinResizeRequest {
-                container_id: req.id.clone(),
-                row: req.height,
-                column: req.width,
-                ..Default::default()
-            };
-            let timeout = c.agent.timeouts().request;
             c.agent
-                .call(
-                    "grpc.TtyWinResizeRequest",
-                    timeout,
-                    |conn, ctx| async move { conn.agent.tty_win_resize(ctx, &resize).await },
-                )
+                .tty_win_resize(&req.id, "", req.height, req.width)
                 .await
                 .map_err(|err| {
                     error(
