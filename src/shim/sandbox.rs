@@ -81,13 +81,11 @@ impl Sandbox {
     ) -> Result<Sandbox, SandboxError> {
         let dirs = SandboxDirs::new(&config.run_dir(), id);
         // The VM creates its own state directory (and refuses one that exists: leftovers).
-        for dir in [&dirs.shared] {
-            create_private_dir(dir).map_err(|source| SandboxError::Dir {
-                id: id.to_string(),
-                path: dir.clone(),
-                source,
-            })?;
-        }
+        create_private_dir(&dirs.shared).map_err(|source| SandboxError::Dir {
+            id: id.to_string(),
+            path: dirs.shared.clone(),
+            source,
+        })?;
         let started = Instant::now();
         let mut vm = match Vm::start(&vm_config(config, &dirs)).await {
             Ok(vm) => vm,
