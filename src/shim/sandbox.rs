@@ -17,7 +17,9 @@ use crate::mgmt::server::{remove_sandbox_files, MgmtServer};
 use crate::protocols::agent;
 
 /// How long shutdown waits for the guest to tear its sandbox down before the VM is stopped.
-const DESTROY_TIMEOUT: Duration = Duration::from_secs(5);
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on the other teardown steps, so a stuck one cannot keep the shim alive for ever.
+const STEP_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -163,6 +165,7 @@ impl Sandbox {
 
     /// Tears the sandbox down: guest sandbox, metrics server, VM, and every file of it.
     pub async fn stop(mut self) {
+        tracing::info!(sandbox = self.id, "stopping the sandbox");
         let destroy = agent::DestroySandboxRequest::new();
         if let Err(err) = self
             .agent
@@ -176,13 +179,21 @@ impl Sandbox {
             tracing::warn!(sandbox = self.id, "DestroySandbox: {err}");
         }
         if let Some(mgmt) = self.mgmt {
-            mgmt.shutdown().await;
+            if tokio::time::timeout(STEP_TIMEOUT, mgmt.shutdown()).await.is_err() {
+                tracing::warn!(sandbox = self.id, "the metrics server did not stop in time");
+            }
         }
         registry::unregister_hypervisor();
-        if let Err(err) = self.vm.stop().await {
-            tracing::warn!(sandbox = self.id, "stopping the VM: {err}");
+        match tokio::time::timeout(STEP_TIMEOUT * 3, self.vm.stop()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(sandbox = self.id, "stopping the VM: {err}"),
+            Err(_) => {
+                tracing::warn!(sandbox = self.id, "the VM did not stop in time; killing it");
+                clean_up_leftovers(&self.dirs.run_dir, &self.id);
+            }
         }
         remove_dirs(&self.dirs, &self.id);
+        tracing::info!(sandbox = self.id, "sandbox stopped");
     }
 }
 

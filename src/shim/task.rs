@@ -331,10 +331,16 @@ impl TaskService {
             // Other containers of the sandbox still run here.
             return Ok(Empty::new());
         }
-        if let Some(sandbox) = self.sandbox.lock().await.take() {
-            sandbox.stop().await;
-        }
-        self.exit.signal();
+        // The teardown runs on its own task: ttrpc drops a handler at containerd's deadline (a few
+        // seconds), and a teardown cut short would leave the VM running and the shim alive.
+        let sandbox = self.sandbox.lock().await.take();
+        let exit = self.exit.clone();
+        tokio::spawn(async move {
+            if let Some(sandbox) = sandbox {
+                sandbox.stop().await;
+            }
+            exit.signal();
+        });
         Ok(Empty::new())
     }
 }
@@ -396,8 +402,12 @@ async fn timed<T>(action: &str, rpc: impl Future<Output = TtrpcResult<T>>) -> Tt
     SHIM_RPC_DURATIONS
         .with_label_values(&[action])
         .observe(started.elapsed().as_secs_f64() * 1000.0);
-    if let Err(err) = &result {
-        tracing::info!(action, "task RPC failed: {err:?}");
+    match &result {
+        Err(ttrpc::Error::RpcStatus(status)) => {
+            tracing::info!(action, code = ?status.code, "task RPC failed: {}", status.message)
+        }
+        Err(err) => tracing::info!(action, "task RPC failed: {err}"),
+        Ok(_) => {}
     }
     result
 }
