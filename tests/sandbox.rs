@@ -379,6 +379,17 @@ fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
         scrapes.push(scrape(&env, &id).1);
     }
     scrapes.sort();
+    let (last, _) = scrape(&env, &id);
+    let last = prom::samples(&last);
+    let agent_rpc = "kata_shim_agent_rpc_durations_histogram_milliseconds";
+    let metrics_call = [("action", "grpc.GetMetricsRequest")];
+    let vsock_ms = match (
+        prom::value(&last, &format!("{agent_rpc}_sum"), &metrics_call),
+        prom::value(&last, &format!("{agent_rpc}_count"), &metrics_call),
+    ) {
+        (Some(sum), Some(count)) if count > 0.0 => sum / count,
+        _ => f64::NAN,
+    };
     let shim = processes_mentioning(&format!("-id {id}"))
         .into_iter()
         .find(|(_, cmd)| cmd.contains("containerd-shim-kata-v2"))
@@ -386,7 +397,7 @@ fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
         .expect("the shim process");
     eprintln!(
         "BENCH sandbox start (ctr run -d): {start_time:?}; shim RSS {} KiB; QEMU RSS {} KiB; \
-         kata-runtime metrics median {:?} (min {:?})",
+         kata-runtime metrics median {:?} (min {:?}); GetMetrics over vsock mean {vsock_ms:.2} ms",
         rss_kib(shim),
         rss_kib(qemu),
         scrapes[scrapes.len() / 2],

@@ -179,7 +179,10 @@ impl Sandbox {
             tracing::warn!(sandbox = self.id, "DestroySandbox: {err}");
         }
         if let Some(mgmt) = self.mgmt {
-            if tokio::time::timeout(STEP_TIMEOUT, mgmt.shutdown()).await.is_err() {
+            if tokio::time::timeout(STEP_TIMEOUT, mgmt.shutdown())
+                .await
+                .is_err()
+            {
                 tracing::warn!(sandbox = self.id, "the metrics server did not stop in time");
             }
         }
