@@ -19,13 +19,22 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 modlist=$here/guest-modules.txt
 
 [[ -f $agent && -x $agent ]] || die "agent binary $agent does not exist or is not executable (run: make agent-static)"
-if file "$agent" 2>/dev/null | grep -q 'dynamically linked'; then
-    die "$agent is dynamically linked; the guest has no libc: build it with RUSTFLAGS='-C target-feature=+crt-static'"
-fi
 [[ -f $modlist ]] || die "module list $modlist is missing"
 for tool in apt-cache apt-get dpkg-deb modinfo python3 cpio gzip sha256sum; do
     command -v "$tool" >/dev/null || die "$tool is not installed (run: make deps)"
 done
+# The guest has no libc and no dynamic loader: the agent must be a static ELF (no PT_INTERP).
+python3 - "$agent" <<'PY' || die "$agent is not a static x86-64 ELF binary; build it with: make agent-static"
+import struct, sys
+data = open(sys.argv[1], "rb").read()
+if data[:4] != b"\x7fELF" or data[4] != 2:
+    sys.exit(1)
+phoff, = struct.unpack_from("<Q", data, 0x20)
+phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+for i in range(phnum):
+    if struct.unpack_from("<I", data, phoff + i * phentsize)[0] == 3:  # PT_INTERP
+        sys.exit(1)
+PY
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)

@@ -4,9 +4,12 @@
 //! Needs the guest image (`make guest-image`): set `KSM_GUEST_DIR` to its directory (`make test` does).
 //! Only one VM runs at a time: every test here takes `VM_LOCK`.
 
+#![cfg(feature = "host")]
+
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
 
 use kata_shim_metrics::agent::client::{AgentClient, AgentTimeouts};
@@ -52,8 +55,10 @@ fn short_temp_dir() -> tempfile::TempDir {
 fn config(guest: &Path, dir: &Path) -> VmConfig {
     let share = dir.join("shared");
     std::fs::create_dir_all(&share).expect("create the shared directory");
+    // KSM_GUEST_KERNEL=vmlinuz compares the compressed kernel's boot time.
+    let kernel = std::env::var("KSM_GUEST_KERNEL").unwrap_or_else(|_| "vmlinux".to_string());
     let mut cfg = VmConfig::new(
-        guest.join("vmlinux"),
+        guest.join(kernel),
         guest.join("initrd.img"),
         share,
         dir.join("vm"),
@@ -104,6 +109,7 @@ fn guest_collectors_are_stubs() -> bool {
 async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
     let Some(guest) = guest_dir() else { return };
     let _one_vm = VM_LOCK.lock().await;
+    kata_shim_metrics::logging::init("warn");
     let dir = short_temp_dir();
     let mut cfg = config(&guest, dir.path());
     cfg.accel = Accel::Auto;
@@ -125,6 +131,9 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
         rss_kib(qemu_pid) / 1024
     );
     assert!(alive(qemu_pid));
+    if let Some(pid) = daemon_pid {
+        eprintln!("vsock daemon RSS {} KiB", rss_kib(pid));
+    }
     match vm.agent_url() {
         AgentUrl::Hvsock { path, port } => {
             assert_eq!(path, &cfg.state_dir.join("vm.vsock"));
@@ -180,6 +189,11 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
         let vm_bytes = 512.0 * 1024.0 * 1024.0;
         let mem_total = prom::value(&samples, "kata_guest_meminfo", &[("item", "mem_total")])
             .expect("kata_guest_meminfo{item=\"mem_total\"} is reported");
+        eprintln!(
+            "guest MemTotal {} KiB ({:.0}% of the VM's memory)",
+            mem_total / 1024.0,
+            100.0 * mem_total / vm_bytes
+        );
         assert!(
             mem_total >= 0.7 * vm_bytes && mem_total <= vm_bytes,
             "guest MemTotal {mem_total} bytes is not 70-100% of the VM's 512 MiB"
@@ -198,7 +212,11 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
         assert!(interfaces.contains(&"lo"), "lo missing: {interfaces:?}");
     }
 
+    // The client stays connected, as the shim's would: stopping must not hang on it.
+    let stopping = std::time::Instant::now();
     vm.stop().await.expect("the VM stops");
+    eprintln!("VM stopped in {:?}", stopping.elapsed());
+    drop(client);
     assert!(!alive(qemu_pid), "QEMU (pid {qemu_pid}) is still there");
     if let Some(pid) = daemon_pid {
         assert!(!alive(pid), "the vsock daemon (pid {pid}) is still there");
@@ -256,6 +274,7 @@ async fn a_vm_that_cannot_boot_fails_clearly_and_leaves_nothing() {
         .err()
         .expect("a guest without agent fails");
     let text = err.to_string();
+    eprintln!("a guest without agent: {text}");
     assert!(
         matches!(err, VmError::Timeout { .. } | VmError::Exited { .. }),
         "{text}"
@@ -269,15 +288,21 @@ async fn leftovers_of_a_crashed_shim_are_cleaned_up() {
     let dir = short_temp_dir();
     let state = dir.path().join("vm");
     std::fs::create_dir(&state).expect("create the state dir");
-    // Stands in for QEMU: its command line mentions the state directory.
-    let mut ours = std::process::Command::new("sh")
-        .args(["-c", "sleep 600", "sh"])
+    // Stands in for QEMU: one process whose command line mentions the state directory.
+    let mut ours = std::process::Command::new("python3")
+        .args(["-c", "import time; time.sleep(600)"])
         .arg(&state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
-        .expect("start sh");
+        .expect("start python3");
     // A pid file naming a process that is not ours (reused pid): must survive.
     let mut other = std::process::Command::new("sleep")
         .arg("600")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .expect("start sleep");
     std::fs::write(state.join("qemu.pid"), format!("{}\n", ours.id())).expect("pid file");

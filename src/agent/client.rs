@@ -69,6 +69,8 @@ impl AgentError {
     }
 }
 
+const RPC_DEADLINE_MARGIN: Duration = Duration::from_millis(200);
+
 #[derive(Clone)]
 pub struct AgentConnection {
     pub agent: AgentServiceClient,
@@ -389,9 +391,11 @@ impl AgentClient {
             let conn = self
                 .connect(timeout.unwrap_or(self.timeouts.connect))
                 .await?;
-            // No deadline in the context: the agent would otherwise cut a blocking call short.
+            // No deadline in the context for blocking calls: the agent would cut them short.
+            // Otherwise ttrpc's own deadline is set a little later, so that ours fires first and
+            // the failure reads as a timeout rather than as an RPC error.
             let ctx = timeout.map_or_else(ttrpc::context::Context::default, |t| {
-                ttrpc::context::with_duration(t)
+                ttrpc::context::with_duration(t + RPC_DEADLINE_MARGIN)
             });
             rpc(conn, ctx).await.map_err(|source| AgentError::Rpc {
                 action,

@@ -107,31 +107,46 @@ pub fn unix_socket_name(path: &Path) -> std::path::PathBuf {
     }
 }
 
+/// A peer that closes with our bytes unread resets the connection (or breaks the pipe) instead of
+/// ending it: to the caller all of these mean "closed".
+fn is_closed(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+    )
+}
+
+fn closed_before_answer(port: u32, line: &[u8]) -> String {
+    format!(
+        "the peer closed the connection before answering CONNECT {port} (got {:?}); is the guest listening on port {port}?",
+        String::from_utf8_lossy(line)
+    )
+}
+
 /// Writes `CONNECT <port>\n` and expects one line starting with `OK` (vhost-device-vsock answers
 /// `OK <guest port>`, Firecracker `OK <host port>`: only the prefix is common).
 pub async fn hybrid_vsock_handshake<S>(stream: &mut S, port: u32) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    stream
+    match stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .await
-        .map_err(|e| format!("sending CONNECT {port}: {e}"))?;
+    {
+        Ok(()) => {}
+        Err(e) if is_closed(&e) => return Err(closed_before_answer(port, &[])),
+        Err(e) => return Err(format!("sending CONNECT {port}: {e}")),
+    }
     let mut line = Vec::with_capacity(16);
     loop {
         let mut byte = [0u8; 1];
-        // A peer that closes with our CONNECT unread resets the connection instead of ending it:
-        // both mean the same to the caller.
         let n = match stream.read(&mut byte).await {
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+            Err(e) if is_closed(&e) => 0,
             Err(e) => return Err(format!("reading the reply to CONNECT {port}: {e}")),
         };
         if n == 0 {
-            return Err(format!(
-                "the peer closed the connection before answering CONNECT {port} (got {:?}); is the guest listening on port {port}?",
-                String::from_utf8_lossy(&line)
-            ));
+            return Err(closed_before_answer(port, &line));
         }
         if byte[0] == b'\n' {
             break;

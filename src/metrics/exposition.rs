@@ -578,17 +578,106 @@ fn unescape_help(text: &str) -> Result<String, String> {
     Ok(help)
 }
 
-/// Parses a value the way Go's `strconv.ParseFloat` does for decimal text (`NaN`, `+Inf`, `1e3`...).
+/// Parses a value the way Go's `strconv.ParseFloat` does (`NaN`, `+Inf`, `1e3`, `0x1.8p3`...),
+/// which is what Prometheus uses: out-of-range values are errors there, so they are here too.
 pub fn parse_float(s: &str) -> Option<f64> {
-    // Rust's parser is close to Go's; keep out the few spellings Go refuses.
-    let digits = s.strip_prefix(['+', '-']).unwrap_or(s);
-    if digits.eq_ignore_ascii_case("nan") && digits.len() != s.len() {
-        return None; // Go has no signed NaN
+    let (negative, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    if digits.starts_with(['n', 'N']) {
+        // Go has no signed NaN.
+        return (digits.len() == s.len() && digits.eq_ignore_ascii_case("nan")).then_some(f64::NAN);
     }
-    if s.contains('_') {
+    if digits.starts_with(['i', 'I']) {
+        let inf = digits.eq_ignore_ascii_case("inf") || digits.eq_ignore_ascii_case("infinity");
+        return inf.then_some(if negative {
+            f64::NEG_INFINITY
+        } else {
+            f64::INFINITY
+        });
+    }
+    let magnitude = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        Some(hex) => parse_hex_float(hex)?,
+        // Rust's decimal syntax matches Go's, except that Go also takes `_` after a base prefix.
+        None if digits.starts_with(['+', '-']) => return None,
+        None => digits.parse::<f64>().ok()?,
+    };
+    if magnitude.is_infinite() {
+        return None; // Go: ErrRange
+    }
+    Some(if negative { -magnitude } else { magnitude })
+}
+
+/// The part of a Go hex float after `0x`: hex mantissa with optional point, mandatory `p` exponent.
+fn parse_hex_float(s: &str) -> Option<f64> {
+    let (mantissa, exponent) = s.split_once(['p', 'P'])?;
+    let exponent = parse_exponent(exponent)?;
+    let mut bits: u64 = 0;
+    let mut scale: i64 = 0;
+    let mut sticky = false;
+    let mut seen_point = false;
+    let mut seen_digit = false;
+    for c in mantissa.chars() {
+        if c == '.' && !seen_point {
+            seen_point = true;
+            continue;
+        }
+        let d = c.to_digit(16)?;
+        seen_digit = true;
+        if bits >> 60 == 0 {
+            bits = bits * 16 + u64::from(d);
+            if seen_point {
+                scale -= 4;
+            }
+        } else {
+            // Beyond 64 bits only "is anything left" matters for rounding.
+            sticky |= d != 0;
+            if !seen_point {
+                scale += 4;
+            }
+        }
+    }
+    if !seen_digit {
         return None;
     }
-    s.parse::<f64>().ok()
+    if sticky {
+        bits |= 1;
+    }
+    Some(scale_by_power_of_two(bits as f64, exponent + scale))
+}
+
+/// A decimal exponent with optional sign; huge ones saturate (the result is 0 or out of range).
+fn parse_exponent(s: &str) -> Option<i64> {
+    let digits = s.strip_prefix(['+', '-']).unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        s.parse::<i64>()
+            .unwrap_or(if s.starts_with('-') {
+                -100_000
+            } else {
+                100_000
+            })
+            .clamp(-100_000, 100_000),
+    )
+}
+
+/// `v * 2^e` in steps that keep each factor representable.
+fn scale_by_power_of_two(mut v: f64, mut e: i64) -> f64 {
+    while e > 1000 {
+        v *= 2f64.powi(1000);
+        e -= 1000;
+    }
+    while e < -1000 {
+        v *= 2f64.powi(-1000);
+        e += 1000;
+    }
+    v * 2f64.powi(e as i32)
 }
 
 /// Splits at the first space or tab.
@@ -640,13 +729,28 @@ fn same_series(a: &Sample, b: &Sample) -> bool {
         && a.labels.iter().all(|(k, v)| b.label(k) == Some(v.as_str()))
 }
 
-/// Order-independent series hash; keyed (`RandomState`) so guest text cannot force collisions.
+/// Series hash over the name and the labels in name order (so label order does not matter).
+/// Keyed (`RandomState`) so guest text cannot force collisions.
 fn series_hash(hasher: &RandomState, s: &Sample) -> u64 {
-    let mut h = hasher.hash_one(s.name.as_str());
-    for (k, v) in &s.labels {
-        h = h.wrapping_add(hasher.hash_one((k.as_str(), v.as_str())));
+    let mut h = hasher.build_hasher();
+    // 0xff never occurs in UTF-8, so it separates fields unambiguously.
+    h.write(s.name.as_bytes());
+    h.write_u8(0xff);
+    let mut pair = |(k, v): &(String, String)| {
+        h.write(k.as_bytes());
+        h.write_u8(0xff);
+        h.write(v.as_bytes());
+        h.write_u8(0xff);
+    };
+    if s.labels.windows(2).all(|w| w[0].0 <= w[1].0) {
+        s.labels.iter().for_each(&mut pair);
+    } else {
+        // Rare (labels are usually written sorted): sort references, not the labels.
+        let mut sorted: Vec<&(String, String)> = s.labels.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        sorted.into_iter().for_each(pair);
     }
-    h
+    h.finish()
 }
 
 /// The key is already a hash: don't hash it again.
@@ -847,33 +951,53 @@ struct Merged {
 /// and a series repeated in a later source is dropped (one [`Dropped`] per family and source).
 pub fn merge(groups: Vec<Vec<Family>>) -> (Vec<Family>, Vec<Dropped>) {
     let hasher = RandomState::new();
+    // First pass, names and sizes only: every output family is allocated once, at full size.
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
     let mut merged: Vec<Merged> = Vec::new();
-    let mut by_name: HashMap<String, usize> = HashMap::new();
+    let mut sizes: Vec<usize> = Vec::new();
+    for family in groups.iter().flatten() {
+        let i = *by_name.entry(family.name.as_str()).or_insert_with(|| {
+            merged.push(Merged::empty_like(family));
+            sizes.push(0);
+            merged.len() - 1
+        });
+        sizes[i] += family.samples.len();
+    }
+    for (m, size) in merged.iter_mut().zip(sizes) {
+        m.family.samples.reserve_exact(size);
+        m.series.first.reserve(size);
+    }
+    let slots: HashMap<String, usize> = by_name
+        .into_iter()
+        .map(|(name, i)| (name.to_string(), i))
+        .collect();
+
     let mut dropped = Vec::new();
     for (source, group) in groups.into_iter().enumerate() {
         for family in group {
-            let i = match by_name.get(&family.name) {
-                Some(&i) => i,
-                None => {
-                    by_name.insert(family.name.clone(), merged.len());
-                    merged.push(Merged {
-                        family: Family {
-                            name: family.name.clone(),
-                            help: String::new(),
-                            kind: family.kind,
-                            samples: Vec::with_capacity(family.samples.len()),
-                        },
-                        series: SeriesIndex::default(),
-                    });
-                    merged.len() - 1
-                }
-            };
-            absorb(&mut merged[i], family, source, &hasher, &mut dropped);
+            if let Some(&i) = slots.get(&family.name) {
+                absorb(&mut merged[i], family, source, &hasher, &mut dropped);
+            }
         }
     }
     let mut families: Vec<Family> = merged.into_iter().map(|m| m.family).collect();
     families.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     (families, dropped)
+}
+
+impl Merged {
+    /// An empty family with the name and type of the first source that has it.
+    fn empty_like(family: &Family) -> Self {
+        Merged {
+            family: Family {
+                name: family.name.clone(),
+                help: String::new(),
+                kind: family.kind,
+                samples: Vec::new(),
+            },
+            series: SeriesIndex::default(),
+        }
+    }
 }
 
 /// Adds one source's family to the merged one.
@@ -918,5 +1042,661 @@ fn absorb(
                 "source {source}: {repeated} series repeat earlier ones (e.g. {example})"
             ),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAYLOAD: &str = "/work/shared/bench/shim-payload.txt";
+
+    fn parse_ok(text: &str) -> Exposition {
+        match parse(text, &Limits::default()) {
+            Ok(e) => e,
+            Err(err) => panic!("refused: {err}"),
+        }
+    }
+
+    fn names(e: &Exposition) -> Vec<&str> {
+        e.families.iter().map(|f| f.name.as_str()).collect()
+    }
+
+    fn sample(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
+        Sample {
+            name: name.to_string(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            value,
+            timestamp_ms: None,
+        }
+    }
+
+    fn family(name: &str, kind: MetricType, samples: Vec<Sample>) -> Family {
+        Family {
+            name: name.to_string(),
+            help: format!("help for {name}"),
+            kind,
+            samples,
+        }
+    }
+
+    /// Equality that treats NaN as equal to NaN (PartialEq on f64 does not).
+    fn same_families(a: &[Family], b: &[Family]) -> bool {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                x.name == y.name
+                    && x.help == y.help
+                    && x.kind == y.kind
+                    && x.samples.len() == y.samples.len()
+                    && x.samples.iter().zip(&y.samples).all(|(s, t)| {
+                        s.name == t.name
+                            && s.labels == t.labels
+                            && s.timestamp_ms == t.timestamp_ms
+                            && (s.value.to_bits() == t.value.to_bits()
+                                || (s.value.is_nan() && t.value.is_nan()))
+                    })
+            })
+    }
+
+    fn encoded(families: &[Family]) -> String {
+        let mut out = String::new();
+        encode(families, &mut out);
+        out
+    }
+
+    fn all_kinds() -> Vec<Family> {
+        let mut counter = family(
+            "requests_total",
+            MetricType::Counter,
+            vec![sample("requests_total", &[("code", "200")], 1027.0)],
+        );
+        counter.samples[0].timestamp_ms = Some(1_395_066_363_000);
+        let gauge = family(
+            "temp:celsius",
+            MetricType::Gauge,
+            vec![
+                sample("temp:celsius", &[("where", "a \"b\" \\c\nd")], -3.25),
+                sample("temp:celsius", &[("where", "é ünicode {},=")], f64::NAN),
+                sample("temp:celsius", &[("where", "inf")], f64::INFINITY),
+                sample("temp:celsius", &[("where", "-inf")], f64::NEG_INFINITY),
+                sample("temp:celsius", &[("where", "tiny")], 1.5e-300),
+                sample("temp:celsius", &[("where", "huge")], 1.7976931348623157e308),
+                sample(
+                    "temp:celsius",
+                    &[("where", "big_int")],
+                    123456789012345680.0,
+                ),
+                sample("temp:celsius", &[("where", "third")], 1.0 / 3.0),
+                sample("temp:celsius", &[("where", "negzero")], -0.0),
+            ],
+        );
+        let mut histogram = family(
+            "rpc_ms",
+            MetricType::Histogram,
+            vec![
+                sample("rpc_ms_bucket", &[("le", "1")], 0.0),
+                sample("rpc_ms_bucket", &[("le", "+Inf")], 2.0),
+                sample("rpc_ms_sum", &[], 3.5),
+                sample("rpc_ms_count", &[], 2.0),
+            ],
+        );
+        histogram.help = "multi\nline \\ help with \"quotes\"".to_string();
+        let summary = family(
+            "gc_seconds",
+            MetricType::Summary,
+            vec![
+                sample("gc_seconds", &[("quantile", "0.5")], 0.001),
+                sample("gc_seconds_sum", &[], 0.25),
+                sample("gc_seconds_count", &[], 7.0),
+            ],
+        );
+        let mut untyped = family("bare", MetricType::Untyped, vec![sample("bare", &[], 42.0)]);
+        untyped.help = String::new();
+        let empty = family("no_samples", MetricType::Gauge, vec![]);
+        vec![counter, gauge, histogram, summary, untyped, empty]
+    }
+
+    #[test]
+    fn round_trip_all_kinds() {
+        let families = all_kinds();
+        let text = encoded(&families);
+        let back = parse_ok(&text);
+        assert!(back.dropped.is_empty(), "{:?}\n{text}", back.dropped);
+        assert!(same_families(&families, &back.families), "{text}");
+        // Encoding is stable: a second round gives the same text.
+        assert_eq!(encoded(&back.families), text);
+    }
+
+    #[test]
+    fn encode_format() {
+        let mut f = family(
+            "x",
+            MetricType::Untyped,
+            vec![sample("x", &[("a", "q\"b\\n\n"), ("b", "")], 2.0)],
+        );
+        f.help = "h\\i\nj \"k\"".to_string();
+        f.samples[0].timestamp_ms = Some(-5);
+        assert_eq!(
+            encoded(&[f]),
+            "# HELP x h\\\\i\\nj \"k\"\n# TYPE x untyped\nx{a=\"q\\\"b\\\\n\\n\",b=\"\"} 2 -5\n"
+        );
+        let mut out = String::new();
+        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.5, 1e21, 3.0] {
+            write_value(v, &mut out);
+            out.push(' ');
+        }
+        assert_eq!(out, "NaN +Inf -Inf 0.5 1e21 3 ");
+    }
+
+    #[test]
+    fn shim_payload_parses_clean_and_round_trips() {
+        let Ok(text) = std::fs::read_to_string(PAYLOAD) else {
+            eprintln!("{PAYLOAD} missing, skipped");
+            return;
+        };
+        let parsed = parse_ok(&text);
+        assert!(parsed.dropped.is_empty(), "{:#?}", parsed.dropped);
+        assert_eq!(parsed.families.len(), 65);
+        let samples: usize = parsed.families.iter().map(|f| f.samples.len()).sum();
+        let lines = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty());
+        assert_eq!(samples, lines.count());
+        let hist = parsed
+            .families
+            .iter()
+            .find(|f| f.name == "kata_shim_rpc_durations_histogram_milliseconds");
+        assert!(hist.is_some_and(|h| h.kind == MetricType::Histogram && h.samples.len() == 17 * 13));
+        let back = parse_ok(&encoded(&parsed.families));
+        assert!(back.dropped.is_empty());
+        assert!(same_families(&parsed.families, &back.families));
+    }
+
+    #[test]
+    fn histogram_and_summary_grouping() {
+        let text = "\
+# TYPE h histogram
+h_bucket{a=\"1\",le=\"1\"} 1
+h_bucket{a=\"1\",le=\"+Inf\"} 1
+h_sum{a=\"1\"} 0.5
+h_count{a=\"1\"} 1
+h_bucket{a=\"2\",le=\"1\"} 0
+h_bucket{a=\"2\",le=\"+Inf\"} 0
+h_sum{a=\"2\"} 0
+h_count{a=\"2\"} 0
+# TYPE s summary
+s{quantile=\"0.9\"} 3
+s_sum 10
+s_count 4
+s_bucket 1
+g_sum 5
+g_count 1
+";
+        let e = parse_ok(text);
+        assert!(e.dropped.is_empty(), "{:?}", e.dropped);
+        assert_eq!(names(&e), ["h", "s", "s_bucket", "g_sum", "g_count"]);
+        assert_eq!(e.families[0].samples.len(), 8);
+        assert_eq!(e.families[1].samples.len(), 3);
+        assert!(e.families[2..]
+            .iter()
+            .all(|f| f.kind == MetricType::Untyped));
+    }
+
+    #[test]
+    fn help_and_type_metadata() {
+        let text = "\
+# some comment
+#   HELP a  first help
+# TYPE a counter
+a 1
+
+# HELP b only help, untyped
+b 2
+# HELP c help after samples is fine
+# TYPE c gauge
+c 3
+#HELPER not a help line
+# TYPE empty gauge
+  d 4
+";
+        let e = parse_ok(text);
+        assert!(e.dropped.is_empty(), "{:?}", e.dropped);
+        assert_eq!(names(&e), ["a", "b", "c", "empty", "d"]);
+        assert_eq!(e.families[0].help, "first help");
+        assert_eq!(e.families[0].kind, MetricType::Counter);
+        assert_eq!(e.families[1].kind, MetricType::Untyped);
+        assert!(e.families[3].samples.is_empty());
+        // HELP after samples of c is the first HELP of c: kept as its help.
+        let e = parse_ok("c 1\n# HELP c late\n");
+        assert_eq!(e.families[0].help, "late");
+    }
+
+    #[test]
+    fn values_and_timestamps() {
+        let text = "\
+a{x=\"1\"} NaN
+a{x=\"2\"} +Inf
+a{x=\"3\"} -Inf
+a{x=\"4\"} 1.5e3
+a{x=\"5\"} -2E-2
+a{x=\"6\"} .5
+a{x=\"7\"} 7.
+a{x=\"8\"} Inf
+a{x=\"9\"} +3 1700000000000
+a{x=\"10\"}\t10\t-1 \t
+a{x=\"11\"}11
+a{x=\"12\"} 0x1.8p1
+a{x=\"13\"} -0X10P-4
+a{x=\"14\"} -infinity
+a{x=\"15\"} 1e-400
+";
+        let e = parse_ok(text);
+        assert!(e.dropped.is_empty(), "{:?}", e.dropped);
+        let v: Vec<f64> = e.families[0].samples.iter().map(|s| s.value).collect();
+        assert!(v[0].is_nan());
+        assert_eq!(
+            &v[1..],
+            [
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+                1500.0,
+                -0.02,
+                0.5,
+                7.0,
+                f64::INFINITY,
+                3.0,
+                10.0,
+                11.0,
+                3.0,
+                -1.0,
+                f64::NEG_INFINITY,
+                0.0
+            ]
+        );
+        assert_eq!(
+            e.families[0].samples[8].timestamp_ms,
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(e.families[0].samples[9].timestamp_ms, Some(-1));
+    }
+
+    #[test]
+    fn go_float_edge_cases() {
+        assert_eq!(
+            parse_float("0x1.fffffffffffff8p0"),
+            Some(2.0),
+            "tie rounds to even"
+        );
+        assert_eq!(parse_float("0x1.fffffffffffff80001p0"), Some(2.0));
+        assert_eq!(
+            parse_float("0x1.fffffffffffff7p0"),
+            Some(2.0 - f64::EPSILON)
+        );
+        assert_eq!(parse_float("0x1p-1074"), Some(5e-324));
+        assert_eq!(parse_float("0x.8p1"), Some(1.0));
+        assert_eq!(
+            parse_float("0x1p99999999999999999999"),
+            None,
+            "out of range"
+        );
+        assert_eq!(parse_float("0x1p-99999999999999999999"), Some(0.0));
+        assert_eq!(parse_float("NaN").map(f64::is_nan), Some(true));
+        for bad in [
+            "",
+            "+",
+            "-",
+            "0x",
+            "0x1p",
+            "0x1.2.3p0",
+            "1e",
+            "1 ",
+            " 1",
+            "+nan",
+            "0x1_0p0",
+        ] {
+            assert_eq!(parse_float(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn escapes_in_label_values_and_help() {
+        let text = "# HELP e a\\\\b\\nc\ne{v=\"q\\\"\\\\\\n end\",w = \"x\" ,} 1\n";
+        let e = parse_ok(text);
+        assert!(e.dropped.is_empty(), "{:?}", e.dropped);
+        assert_eq!(e.families[0].help, "a\\b\nc");
+        let labels = &e.families[0].samples[0].labels;
+        assert_eq!(labels[0], ("v".to_string(), "q\"\\\n end".to_string()));
+        assert_eq!(labels[1], ("w".to_string(), "x".to_string()));
+    }
+
+    /// Each bad family is dropped alone; its neighbours survive.
+    #[test]
+    fn each_invalid_case_drops_only_its_family() {
+        let cases: &[(&str, &str)] = &[
+            ("bad{1a=\"x\"} 1", "label name"),
+            ("bad{a-b=\"x\"} 1", "lacks '='"),
+            ("bad{a=\"x\\t\"} 1", "escape"),
+            ("bad{a=\"x} 1", "unterminated"),
+            ("bad{a=\"x\" 1", "expected"),
+            ("bad{a=x} 1", "not quoted"),
+            ("bad{a\"x\"} 1", "lacks '='"),
+            ("bad{a=\"x\",a=\"y\"} 1", "twice"),
+            ("bad{__name__=\"x\"} 1", "reserved"),
+            ("bad 1x", "invalid value"),
+            ("bad", "invalid value"),
+            ("bad 0x1.8", "invalid value"),
+            ("bad 0xp3", "invalid value"),
+            ("bad 1e400", "invalid value"),
+            ("bad +-1", "invalid value"),
+            ("bad infinit", "invalid value"),
+            ("bad 1_000", "invalid value"),
+            ("bad -NaN", "invalid value"),
+            ("bad 1 2.5", "timestamp"),
+            ("bad 1 2 3", "after the timestamp"),
+            ("bad 1\r", "invalid value"),
+            ("# TYPE bad gauge\n# TYPE bad gauge\nbad 1", "second TYPE"),
+            ("# HELP bad a\n# HELP bad b\nbad 1", "second HELP"),
+            ("bad 1\n# TYPE bad gauge", "TYPE line after samples"),
+            ("# TYPE bad gaugehistogram\nbad 1", "unknown TYPE"),
+            ("# TYPE bad\nbad 1", "unknown TYPE"),
+            ("# HELP bad a\\qb\nbad 1", "escape"),
+            ("# HELP bad trailing\\\nbad 1", "backslash"),
+            ("bad{a=\"1\"} 1\nbad{a=\"1\"} 2", "duplicate series"),
+            (
+                "bad{a=\"1\",b=\"2\"} 1\nbad{b=\"2\",a=\"1\"} 2",
+                "duplicate series",
+            ),
+            ("# TYPE bad histogram\nbad_bucket 1", "no le label"),
+            (
+                "# TYPE bad histogram\nbad_bucket{le=\"x\"} 1",
+                "not a number",
+            ),
+            ("# TYPE bad histogram\nbad 1", "suffix"),
+            ("# TYPE bad summary\nbad 1", "no quantile label"),
+        ];
+        for (i, (bad, why)) in cases.iter().enumerate() {
+            let text =
+                format!("# TYPE good_a gauge\ngood_a 1\n{bad}\n# TYPE good_c counter\ngood_c 2\n");
+            let e = parse_ok(&text);
+            assert_eq!(names(&e), ["good_a", "good_c"], "case {i}: {bad}");
+            assert_eq!(e.dropped.len(), 1, "case {i}: {bad}: {:?}", e.dropped);
+            assert_eq!(e.dropped[0].family, "bad", "case {i}");
+            let reason = &e.dropped[0].reason;
+            assert!(reason.starts_with("line "), "case {i}: {reason}");
+            assert!(reason.contains(why), "case {i}: {bad}: {reason}");
+        }
+    }
+
+    #[test]
+    fn invalid_names_drop_only_their_line() {
+        for bad in [
+            "1bad 1",
+            "bad-name 1",
+            "{a=\"b\"} 1",
+            "# TYPE 1x gauge",
+            "# HELP",
+        ] {
+            let text = format!("good 1\n{bad}\ngood{{x=\"2\"}} 2\n");
+            let e = parse_ok(&text);
+            assert_eq!(names(&e), ["good"], "{bad}");
+            assert_eq!(e.families[0].samples.len(), 2, "{bad}");
+            assert_eq!(e.dropped.len(), 1, "{bad}");
+            assert!(e.dropped[0].reason.contains("invalid metric name"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn non_contiguous_family_is_dropped_once() {
+        let e = parse_ok("x 1\ny 2\nx{a=\"b\"} 3\nz 4\nx{a=\"c\"} 5\n");
+        assert_eq!(names(&e), ["y", "z"]);
+        assert_eq!(e.dropped.len(), 1, "{:?}", e.dropped);
+        assert_eq!(e.dropped[0].family, "x");
+        assert!(e.dropped[0].reason.contains("line 3"));
+        // A histogram's _count coming back after another family belongs to the histogram.
+        let text = "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_sum 1\ny 2\nh_count 1\n";
+        let e = parse_ok(text);
+        assert_eq!(names(&e), ["y"]);
+        assert_eq!(e.dropped[0].family, "h");
+        // And metadata for a family seen earlier.
+        let e = parse_ok("# TYPE a gauge\na 1\nb 1\n# HELP a again\n");
+        assert_eq!(names(&e), ["b"]);
+        assert_eq!(e.dropped.len(), 1);
+    }
+
+    #[test]
+    fn limits() {
+        let limits = Limits {
+            max_bytes: 10,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            parse("a 1\nb 2\nc 3\n", &limits),
+            Err(ExpositionError::TooLarge {
+                size: 12,
+                limit: 10
+            })
+        ));
+        let limits = Limits {
+            max_samples: 2,
+            ..Limits::default()
+        };
+        assert!(parse("a 1\n# c\nb 2\n", &limits).is_ok());
+        assert!(matches!(
+            parse("a 1\nb 2\nc{ 3\n", &limits),
+            Err(ExpositionError::TooManySamples { limit: 2 })
+        ));
+        let limits = Limits {
+            max_labels_per_sample: 2,
+            max_label_value_bytes: 4,
+            max_name_bytes: 8,
+            ..Limits::default()
+        };
+        let text = "\
+ok{a=\"1\",b=\"1234\"} 1
+labels{a=\"1\",b=\"2\",c=\"3\"} 1
+value{a=\"12345\"} 1
+escaped{a=\"\\\\\\\\\\\\\\\\\"} 1
+long_name_x 1
+# TYPE longer_name gauge
+lname{abcdefghi=\"1\"} 1
+";
+        let e = parse(text, &limits).unwrap_or_default();
+        assert_eq!(names(&e), ["ok", "escaped"]);
+        let reasons: Vec<&str> = e.dropped.iter().map(|d| d.reason.as_str()).collect();
+        assert_eq!(reasons.len(), 5, "{reasons:?}");
+        assert!(reasons[0].contains("more than 2 labels"));
+        assert!(reasons[1].contains("value longer"));
+        assert!(reasons[2].contains("metric name longer"));
+        assert!(reasons[3].contains("metric name longer"));
+        assert!(reasons[4].contains("label name longer"));
+    }
+
+    /// Tiny deterministic generator, so the fuzz test needs no dependency.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn never_panics_on_garbage() {
+        let real = std::fs::read_to_string(PAYLOAD).unwrap_or_else(|_| encoded(&all_kinds()));
+        let tight = Limits {
+            max_labels_per_sample: 3,
+            max_label_value_bytes: 8,
+            max_name_bytes: 12,
+            max_samples: 50,
+            ..Limits::default()
+        };
+        let alphabet = b"ab_:{}=\",\\n#\n \t0.1eE+-InfNaHELPTYPEhistogramsummary_bucket_sum_countle\xc3\xa9\xff";
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        for round in 0..3000 {
+            let bytes: Vec<u8> = if round % 3 == 0 {
+                // Truncated real text.
+                let cut = rng.below(real.len() + 1);
+                real.as_bytes()[..cut].to_vec()
+            } else if round % 3 == 1 {
+                // Real text with a few bytes replaced.
+                let mut b = real.as_bytes()[..rng.below(4096).min(real.len())].to_vec();
+                for _ in 0..4 {
+                    if !b.is_empty() {
+                        let i = rng.below(b.len());
+                        b[i] = alphabet[rng.below(alphabet.len())];
+                    }
+                }
+                b
+            } else {
+                (0..rng.below(300))
+                    .map(|_| alphabet[rng.below(alphabet.len())])
+                    .collect()
+            };
+            let text = String::from_utf8_lossy(&bytes);
+            for limits in [&Limits::default(), &tight] {
+                if let Ok(e) = parse(&text, limits) {
+                    // Whatever was kept must encode and parse back without loss.
+                    let again = parse_ok(&encoded(&e.families));
+                    assert!(
+                        again.dropped.is_empty(),
+                        "round {round}: {:?}",
+                        again.dropped
+                    );
+                    assert!(same_families(&e.families, &again.families), "round {round}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn relabel_helpers() {
+        let mut f = family(
+            "go_gc_seconds",
+            MetricType::Summary,
+            vec![
+                sample("go_gc_seconds", &[("quantile", "0.5")], 1.0),
+                sample("go_gc_seconds_sum", &[], 1.0),
+            ],
+        );
+        assert!(!f.rename_prefix("process_", "kata_agent_process_"));
+        assert!(f.rename_prefix("go_", "kata_agent_go_"));
+        assert_eq!(f.name, "kata_agent_go_gc_seconds");
+        assert_eq!(f.samples[1].name, "kata_agent_go_gc_seconds_sum");
+        assert!(!f.has_label("sandbox_id"));
+        assert!(f.has_label("quantile"));
+        f.set_label("sandbox_id", "abc");
+        f.set_label("sandbox_id", "def");
+        f.set_label("quantile", "0.9");
+        assert!(f.has_label("sandbox_id"));
+        assert_eq!(f.samples[0].labels.len(), 2);
+        assert_eq!(f.samples[0].label("sandbox_id"), Some("def"));
+        assert_eq!(f.samples[0].label("quantile"), Some("0.9"));
+        // set_label applies to every sample, _sum included.
+        assert_eq!(f.samples[1].labels.len(), 2);
+    }
+
+    #[test]
+    fn merge_sources() {
+        let mut a = family(
+            "m_b",
+            MetricType::Gauge,
+            vec![sample("m_b", &[("s", "1")], 1.0)],
+        );
+        a.help = String::new();
+        let c1 = family(
+            "m_a",
+            MetricType::Counter,
+            vec![sample("m_a", &[("s", "1")], 1.0)],
+        );
+        let b = family(
+            "m_b",
+            MetricType::Gauge,
+            vec![
+                sample("m_b", &[("s", "2")], 2.0),
+                sample("m_b", &[("s", "1")], 9.0),
+                sample("m_b", &[("s", "3")], 3.0),
+            ],
+        );
+        let conflicting = family(
+            "m_a",
+            MetricType::Gauge,
+            vec![sample("m_a", &[("s", "2")], 2.0)],
+        );
+        let (merged, dropped) = merge(vec![vec![a, c1], vec![b, conflicting], vec![]]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].name, "m_a");
+        assert_eq!(merged[0].kind, MetricType::Counter);
+        assert_eq!(merged[0].samples.len(), 1);
+        assert_eq!(merged[1].help, "help for m_b", "first non-empty help wins");
+        let values: Vec<f64> = merged[1].samples.iter().map(|s| s.value).collect();
+        assert_eq!(values, [1.0, 2.0, 3.0], "first series kept, source order");
+        assert_eq!(dropped.len(), 2, "{dropped:?}");
+        assert!(dropped
+            .iter()
+            .any(|d| d.family == "m_b" && d.reason.contains("1 series repeat")));
+        assert!(dropped
+            .iter()
+            .any(|d| d.family == "m_a" && d.reason.contains("TYPE gauge")));
+    }
+
+    #[test]
+    fn merge_many_sandboxes() {
+        let Ok(text) = std::fs::read_to_string(PAYLOAD) else {
+            return;
+        };
+        let parsed = parse_ok(&text);
+        let groups: Vec<Vec<Family>> = (0..20)
+            .map(|i| {
+                let mut fams = parsed.families.clone();
+                for f in &mut fams {
+                    f.set_label("sandbox_id", &format!("sb{i}"));
+                }
+                fams
+            })
+            .collect();
+        let total: usize = parsed.families.iter().map(|f| f.samples.len()).sum();
+        let (merged, dropped) = merge(groups);
+        assert!(dropped.is_empty());
+        assert_eq!(merged.len(), parsed.families.len());
+        assert_eq!(
+            merged.iter().map(|f| f.samples.len()).sum::<usize>(),
+            total * 20
+        );
+        assert!(merged.windows(2).all(|w| w[0].name < w[1].name));
+        let big = Limits {
+            max_bytes: 1 << 30,
+            max_samples: usize::MAX,
+            ..Limits::default()
+        };
+        let e = parse(&encoded(&merged), &big).unwrap_or_default();
+        assert!(e.dropped.is_empty());
+        assert_eq!(e.families.len(), merged.len());
+    }
+
+    /// Prints parse+encode time of the payload; run with `--release --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn time_payload() {
+        let Ok(text) = std::fs::read_to_string(PAYLOAD) else {
+            return;
+        };
+        let start = std::time::Instant::now();
+        let rounds = 200;
+        for _ in 0..rounds {
+            let e = parse_ok(&text);
+            let mut out = String::with_capacity(text.len());
+            encode(&e.families, &mut out);
+            std::hint::black_box(out);
+        }
+        eprintln!("parse+encode: {:?} per payload", start.elapsed() / rounds);
     }
 }

@@ -408,6 +408,14 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
+        // Until exec completes the child is a copy of this test process.
+        while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap()
+            .trim()
+            != "sleep"
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let collector = ProcessCollector::new(
             Target::Pid(pid),
             "kata_hypervisor",

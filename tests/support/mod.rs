@@ -130,8 +130,21 @@ pub fn start_agent(dir: &Path) -> (Proc, String) {
         child,
         name: "kata-agent".into(),
     };
-    wait_for_path(&socket, Duration::from_secs(10));
+    wait_until_connectable(&socket, Duration::from_secs(10));
     (proc, url)
+}
+
+/// Waits until something accepts on `socket` (a stale file left by a killed agent does not count).
+pub fn wait_until_connectable(socket: &Path, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listens on {} after {timeout:?}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A process with a known number of threads (5), standing in for the hypervisor.

@@ -48,6 +48,8 @@ const HYBRID_GUEST_CID: u32 = 3;
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a process gets to exit after a polite request, before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long QEMU gets after `quit` before [`Vm::stop`] suspects the vsock daemon holds it up.
+const QUIT_WAIT: Duration = Duration::from_secs(1);
 /// How much of a log an error quotes.
 const LOG_TAIL_BYTES: u64 = 3000;
 const LOG_TAIL_LINES: usize = 25;
@@ -158,7 +160,19 @@ impl Vm {
                 tracing::debug!("QMP quit failed ({err}); sending SIGTERM to QEMU");
                 signal_child(&qemu, Signal::SIGTERM);
             }
-            stop_child(&mut qemu, "QEMU").await;
+            let exited = tokio::time::timeout(QUIT_WAIT, qemu.wait()).await.is_ok();
+            if !exited {
+                // With guest connections still open, QEMU's vhost-user teardown waits on the vsock
+                // daemon: take the daemon away (nothing of it outlives the VM) and QEMU goes on.
+                if let Some(mut daemon) = self.daemon.take() {
+                    tracing::debug!(
+                        "QEMU still running after quit; killing the vsock daemon first"
+                    );
+                    let _ = daemon.start_kill();
+                    let _ = tokio::time::timeout(STOP_GRACE, daemon.wait()).await;
+                }
+                stop_child(&mut qemu, "QEMU").await;
+            }
         }
         if let Some(mut daemon) = self.daemon.take() {
             signal_child(&daemon, Signal::SIGTERM);
@@ -298,10 +312,15 @@ impl Vm {
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = Instant::now();
             let err = match client.check(left.min(Duration::from_secs(1))).await {
                 Ok(()) => return Ok(()),
                 Err(err) => err,
             };
+            tracing::debug!(
+                took_ms = attempt.elapsed().as_millis() as u64,
+                "agent not ready yet: {err}"
+            );
             if Instant::now() >= deadline {
                 return Err(VmError::Timeout {
                     what: "the guest's agent",
@@ -583,7 +602,20 @@ async fn stop_child(child: &mut Child, what: &str) {
     if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
         return;
     }
-    tracing::warn!("{what} did not exit within {STOP_GRACE:?}; killing it");
+    let state = child
+        .id()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .and_then(|stat| {
+            Some(
+                stat.rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_string(),
+            )
+        })
+        .unwrap_or_default();
+    tracing::warn!("{what} did not exit within {STOP_GRACE:?} (state {state:?}); killing it");
     let _ = child.start_kill();
     let _ = child.wait().await;
 }
@@ -617,7 +649,18 @@ async fn qmp_quit(socket: &Path) -> io::Result<()> {
         ));
     }
     write.write_all(b"{\"execute\":\"quit\"}\n").await?;
-    Ok(())
+    // Stay connected until QEMU has taken the command: a quit followed at once by a hang-up can
+    // be dropped with the connection. Its reply, or QEMU closing the socket as it exits, will do.
+    loop {
+        match lines.next_line().await? {
+            None => return Ok(()),
+            Some(line) if line.contains("\"return\"") => return Ok(()),
+            Some(line) if line.contains("\"error\"") => {
+                return Err(io::Error::other(format!("quit refused: {line}")))
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(
