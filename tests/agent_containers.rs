@@ -17,8 +17,17 @@ const APPLETS: [&str; 10] = [
 struct Sandbox {
     client: AgentClient,
     rootfs: PathBuf,
-    _agent: Proc,
+    agent: Option<Proc>,
     _dir: tempfile::TempDir,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // SIGTERM first: the agent kills its containers, which a failed test may have left.
+        if let Some(agent) = self.agent.take() {
+            agent.terminate(Duration::from_secs(15));
+        }
+    }
 }
 
 /// A busybox rootfs and an agent serving it.
@@ -45,7 +54,7 @@ fn sandbox() -> Sandbox {
     Sandbox {
         client,
         rootfs,
-        _agent: agent,
+        agent: Some(agent),
         _dir: dir,
     }
 }
@@ -249,7 +258,11 @@ async fn env_cwd_user_and_hostname_apply() {
     let sb = sandbox();
     let mut s = spec(
         &sb.rootfs,
-        &["sh", "-c", "echo $FOO; pwd; id -u; id -g; hostname"],
+        &[
+            "sh",
+            "-c",
+            "echo $FOO; pwd; id -u; id -g; hostname; ulimit -n; cat /proc/self/oom_score_adj",
+        ],
     );
     s.Hostname = "box-1".into();
     let p = process(&mut s);
@@ -259,9 +272,16 @@ async fn env_cwd_user_and_hostname_apply() {
     user.UID = 1000;
     user.GID = 1001;
     p.User = Some(user).into();
+    let mut limit = oci::POSIXRlimit::new();
+    limit.Type = "RLIMIT_NOFILE".into();
+    limit.Soft = 123;
+    limit.Hard = 456;
+    p.Rlimits = vec![limit];
+    p.OOMScoreAdj = 100;
+    p.NoNewPrivileges = true;
     let (out, err, status) = run(&sb, "env", s).await;
     assert_eq!(err, "");
-    assert_eq!(out, "bar\n/tmp\n1000\n1001\nbox-1\n");
+    assert_eq!(out, "bar\n/tmp\n1000\n1001\nbox-1\n123\n100\n");
     assert_eq!(status, 0);
 }
 
@@ -465,4 +485,129 @@ async fn bad_requests_get_clear_status_codes() {
     sb.client.destroy_sandbox().await.expect("destroy");
     let err = sb.client.wait_process("last", "").await.expect_err("gone");
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
+}
+
+fn exec_request(id: &str, exec_id: &str, args: &[&str]) -> agent::ExecProcessRequest {
+    let mut process = oci::Process::new();
+    process.Args = args.iter().map(|a| a.to_string()).collect();
+    process.Env = vec!["PATH=/bin".into(), "WHO=exec".into()];
+    process.Cwd = "/tmp".into();
+    let mut req = agent::ExecProcessRequest::new();
+    req.container_id = id.into();
+    req.exec_id = exec_id.into();
+    req.process = Some(process).into();
+    req
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_runs_in_the_containers_namespaces() {
+    let sb = sandbox();
+    let mut s = spec(&sb.rootfs, &["sleep", "600"]);
+    s.Hostname = "host-of-c".into();
+    create_and_start(&sb, "c", s).await;
+    std::fs::write(sb.rootfs.join("tmp/marker"), "in the rootfs\n").expect("marker");
+
+    sb.client
+        .exec_process(exec_request(
+            "c",
+            "e1",
+            &[
+                "sh",
+                "-c",
+                "echo $WHO; pwd; hostname; cat /proc/1/cmdline; echo; cat marker; exit 5",
+            ],
+        ))
+        .await
+        .expect("exec");
+    let (out, err) = tokio::join!(
+        read_exec_to_eof(&sb.client, "c", "e1", false),
+        read_exec_to_eof(&sb.client, "c", "e1", true)
+    );
+    assert_eq!(err, "");
+    assert_eq!(
+        out,
+        "exec\n/tmp\nhost-of-c\nsleep\u{0}600\u{0}\nin the rootfs\n"
+    );
+    assert_eq!(
+        sb.client.wait_process("c", "e1").await.expect("wait exec"),
+        5
+    );
+
+    // Duplicate exec ids, unknown ones, and a missing program are refused clearly.
+    let err = sb
+        .client
+        .exec_process(exec_request("c", "e1", &["true"]))
+        .await
+        .expect_err("duplicate");
+    assert_eq!(code(&err), ttrpc::Code::ALREADY_EXISTS);
+    let err = sb
+        .client
+        .wait_process("c", "nope")
+        .await
+        .expect_err("unknown");
+    assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
+    let err = sb
+        .client
+        .exec_process(exec_request("c", "e2", &["nosuch"]))
+        .await
+        .expect_err("missing program");
+    assert!(message(&err).contains("\"nosuch\" not found"), "{err}");
+
+    // A long-running exec is signalled on its own; the container keeps running.
+    sb.client
+        .exec_process(exec_request("c", "e3", &["sleep", "600"]))
+        .await
+        .expect("exec sleep");
+    sb.client
+        .signal_process("c", "e3", 9)
+        .await
+        .expect("signal exec");
+    assert_eq!(sb.client.wait_process("c", "e3").await.expect("wait"), 137);
+    let err = sb.client.signal_process("c", "e3", 9).await;
+    assert!(err.is_ok(), "signalling an exited exec is fine: {err:?}");
+    sb.client.remove_container("c", 10).await.expect("remove");
+}
+
+async fn read_exec_to_eof(client: &AgentClient, id: &str, exec: &str, stderr: bool) -> String {
+    let mut out = Vec::new();
+    loop {
+        let data = if stderr {
+            client.read_stderr(id, exec, 4096).await
+        } else {
+            client.read_stdout(id, exec, 4096).await
+        }
+        .expect("read stream");
+        if data.is_empty() {
+            return String::from_utf8_lossy(&out).into_owned();
+        }
+        out.extend(data);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bind_mounts_tmpfs_and_a_read_only_root() {
+    let sb = sandbox();
+    let data = sb.rootfs.parent().expect("temp dir").join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    std::fs::write(data.join("f"), "from-host\n").expect("data file");
+    let mut s = spec(
+        &sb.rootfs,
+        &[
+            "sh",
+            "-c",
+            "cat /data/f; (echo > /data/g) 2>/dev/null || echo ro-bind; \
+             (echo > /x) 2>/dev/null || echo ro-root; echo ok > /tmp/t && cat /tmp/t",
+        ],
+    );
+    s.Root.as_mut().expect("root").Readonly = true;
+    let mut bind = mount("/data", "bind", &["rbind", "ro"]);
+    bind.source = data.display().to_string();
+    s.Mounts.push(bind);
+    s.Mounts
+        .push(mount("/tmp", "tmpfs", &["nosuid", "size=1m"]));
+    let (out, err, status) = run(&sb, "mounts", s).await;
+    assert_eq!(out, "from-host\nro-bind\nro-root\nok\n", "stderr: {err}");
+    assert_eq!(status, 0);
+    assert!(!data.join("g").exists());
+    assert!(!sb.rootfs.join("tmp/t").exists(), "tmpfs, not the rootfs");
 }

@@ -391,9 +391,9 @@ impl AgentClient {
             let conn = self
                 .connect(timeout.unwrap_or(self.timeouts.connect))
                 .await?;
-            // No deadline in the context for blocking calls: the agent would cut them short.
-            // Otherwise ttrpc's own deadline is set a little later, so that ours fires first and
-            // the failure reads as a timeout rather than as an RPC error.
+            // ttrpc's own deadline is set a little later, so that ours fires first and the
+            // failure reads as a timeout rather than as an RPC error. No deadline at all for
+            // blocking calls: the agent would otherwise cut them short.
             let ctx = timeout.map_or_else(ttrpc::context::Context::default, |t| {
                 ttrpc::context::with_duration(t + RPC_DEADLINE_MARGIN)
             });

@@ -16,7 +16,7 @@ use crate::protocols::{agent, agent_ttrpc, health, health_ttrpc};
 
 pub struct AgentService {
     metrics: AgentMetrics,
-    containers: Containers,
+    containers: Arc<Containers>,
 }
 
 impl AgentService {
@@ -24,8 +24,13 @@ impl AgentService {
     pub fn new(reaper: Reaper) -> Result<Self, prometheus::Error> {
         Ok(AgentService {
             metrics: AgentMetrics::new()?,
-            containers: Containers::new(reaper),
+            containers: Arc::new(Containers::new(reaper)),
         })
+    }
+
+    /// The containers, e.g. to kill them all when a host agent stops.
+    pub fn containers(&self) -> Arc<Containers> {
+        self.containers.clone()
     }
 }
 
@@ -105,11 +110,7 @@ impl agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ExecProcessRequest,
     ) -> ttrpc::Result<Empty> {
-        self.containers.get(&req.container_id)?;
-        Err(status(
-            ttrpc::Code::UNIMPLEMENTED,
-            "ExecProcess is not supported by this agent yet",
-        ))
+        self.containers.exec(req).await.map(|_| empty())
     }
 
     async fn signal_process(
@@ -127,9 +128,9 @@ impl agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::WaitProcessRequest,
     ) -> ttrpc::Result<agent::WaitProcessResponse> {
-        let container = self.containers.process(&req.container_id, &req.exec_id)?;
+        let process = self.containers.process(&req.container_id, &req.exec_id)?;
         let mut reply = agent::WaitProcessResponse::new();
-        reply.status = container.wait().await;
+        reply.status = process.wait().await;
         Ok(reply)
     }
 
@@ -138,8 +139,8 @@ impl agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::WriteStreamRequest,
     ) -> ttrpc::Result<agent::WriteStreamResponse> {
-        let container = self.containers.process(&req.container_id, &req.exec_id)?;
-        let written = stdio::write(&container.stdio.stdin, &req.data)
+        let process = self.containers.process(&req.container_id, &req.exec_id)?;
+        let written = stdio::write(&process.stdio.stdin, &req.data)
             .await
             .map_err(|e| stream_error(&req.container_id, "writing stdin", e))?;
         let mut reply = agent::WriteStreamResponse::new();
@@ -152,8 +153,8 @@ impl agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ReadStreamRequest,
     ) -> ttrpc::Result<agent::ReadStreamResponse> {
-        let container = self.containers.process(&req.container_id, &req.exec_id)?;
-        let data = stdio::read(&container.stdio.stdout, req.len)
+        let process = self.containers.process(&req.container_id, &req.exec_id)?;
+        let data = stdio::read(&process.stdio.stdout, req.len)
             .await
             .map_err(|e| stream_error(&req.container_id, "reading stdout", e))?;
         let mut reply = agent::ReadStreamResponse::new();
@@ -166,8 +167,8 @@ impl agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::ReadStreamRequest,
     ) -> ttrpc::Result<agent::ReadStreamResponse> {
-        let container = self.containers.process(&req.container_id, &req.exec_id)?;
-        let data = stdio::read(&container.stdio.stderr, req.len)
+        let process = self.containers.process(&req.container_id, &req.exec_id)?;
+        let data = stdio::read(&process.stdio.stderr, req.len)
             .await
             .map_err(|e| stream_error(&req.container_id, "reading stderr", e))?;
         let mut reply = agent::ReadStreamResponse::new();
@@ -180,9 +181,9 @@ impl agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::CloseStdinRequest,
     ) -> ttrpc::Result<Empty> {
-        let container = self.containers.process(&req.container_id, &req.exec_id)?;
+        let process = self.containers.process(&req.container_id, &req.exec_id)?;
         // Dropping the agent's end gives the process EOF (on a pty: only our writer goes away).
-        container.stdio.stdin.lock().await.take();
+        process.stdio.stdin.lock().await.take();
         Ok(empty())
     }
 
@@ -191,10 +192,10 @@ impl agent_ttrpc::AgentService for AgentService {
         _ctx: &TtrpcContext,
         req: agent::TtyWinResizeRequest,
     ) -> ttrpc::Result<Empty> {
-        let container = self.containers.process(&req.container_id, &req.exec_id)?;
+        let process = self.containers.process(&req.container_id, &req.exec_id)?;
         let rows = u16::try_from(req.row).unwrap_or(u16::MAX);
         let cols = u16::try_from(req.column).unwrap_or(u16::MAX);
-        container.stdio.resize(rows, cols).map_err(|e| {
+        process.stdio.resize(rows, cols).map_err(|e| {
             status(
                 ttrpc::Code::FAILED_PRECONDITION,
                 format!(

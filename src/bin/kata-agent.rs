@@ -1,4 +1,5 @@
-//! kata-agent: serves the agent API (GetMetrics, Health) on vsock port 1024, or on a unix socket.
+//! kata-agent: serves the agent API (containers, GetMetrics, Health) on vsock port 1024, or on a
+//! unix socket. `kata-agent init-container` (hidden) is the container init it re-executes.
 //!
 //! Started by the kernel as the guest's init (PID 1), it first sets the guest up (mounts, modules,
 //! network, hostname) and then never exits: termination signals are logged and ignored, and if the
@@ -89,6 +90,7 @@ fn fail(init: bool, what: String) -> ! {
 async fn run(args: Args, init: bool) -> Result<(), Box<dyn std::error::Error>> {
     let reaper = Reaper::start()?;
     let service = AgentService::new(reaper)?;
+    let containers = service.containers();
     let mut server = service::serve(&args.listen, service).await?;
     tracing::info!(listen = %args.listen, "agent serving");
     if init {
@@ -105,6 +107,8 @@ async fn run(args: Args, init: bool) -> Result<(), Box<dyn std::error::Error>> {
     }
     kata_shim_metrics::signals::wait_for_termination().await?;
     tracing::info!("agent stopping");
+    // Containers outlive their agent otherwise (on a host; in a guest the VM goes with it).
+    let _ = containers.destroy_sandbox().await;
     server.shutdown().await?;
     Ok(())
 }

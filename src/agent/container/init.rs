@@ -8,18 +8,19 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{signal, sigprocmask, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::unistd::{chdir, chroot, pivot_root, setgid, setgroups, sethostname, setsid, setuid};
 use nix::unistd::{Gid, Uid};
 use protobuf::Message;
 
-use super::spawn::{FD_CONFIG, FD_START, FD_STATUS, MSG_ERROR, MSG_READY};
+use super::spawn::{EXEC_MODE, FD_CONFIG, FD_MNT_NS, FD_START, FD_STATUS, MSG_ERROR, MSG_READY};
 use super::spec::{self, InitConfig, MountKind, MountPlan, DEFAULT_PATH};
 use crate::protocols::oci;
 
@@ -63,10 +64,22 @@ fn run(status: &mut File) -> Result<std::convert::Infallible> {
             ));
         }
     }
-    setup_rootfs(&config)?;
-    if let Some(name) = &config.hostname {
-        sethostname(name).map_err(|e| format!("setting the hostname to {name:?}: {e}"))?;
+    if std::env::args_os().nth(2).as_deref() == Some(EXEC_MODE.as_ref()) {
+        // In the container's other namespaces already; joining its mount namespace puts /proc
+        // (the container's) in view, where PID 1 is its init and /proc/1/root its root.
+        // SAFETY: fd 6 is the namespace fd the agent passed; nothing else owns it.
+        let mnt = unsafe { OwnedFd::from_raw_fd(FD_MNT_NS) };
+        setns(&mnt, CloneFlags::CLONE_NEWNS)
+            .map_err(|e| format!("joining the container's mount namespace: {e}"))?;
+        drop(mnt);
+        enter_root(Path::new("/proc/1/root"))?;
+    } else {
+        setup_rootfs(&config)?;
+        if let Some(name) = &config.hostname {
+            sethostname(name).map_err(|e| format!("setting the hostname to {name:?}: {e}"))?;
+        }
     }
+    apply_limits(&config)?;
     // Created as root, entered as the user (who then needs permission for it, as with runc).
     std::fs::create_dir_all(&config.cwd).map_err(|e| {
         format!(
@@ -154,7 +167,7 @@ fn setup_rootfs(config: &InitConfig) -> Result<()> {
             .map_err(|e| format!("mounting /proc: {e}"))?;
     }
     populate_dev(&rootfs)?;
-    enter_root(&rootfs)?;
+    pivot_into(&rootfs)?;
     if config.readonly_root {
         mount(
             none,
@@ -281,9 +294,16 @@ fn populate_dev(rootfs: &Path) -> Result<()> {
     Ok(())
 }
 
+/// chroot into the container's root, for an exec'd process.
+fn enter_root(root: &Path) -> Result<()> {
+    chdir(root).map_err(|e| format!("entering {}: {e}", root.display()))?;
+    chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    chdir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
 /// pivot_root into the rootfs and detach the old root; where the agent's own root cannot be
 /// pivoted (an initramfs), move the rootfs over / and chroot instead.
-fn enter_root(rootfs: &Path) -> Result<()> {
+fn pivot_into(rootfs: &Path) -> Result<()> {
     chdir(rootfs).map_err(|e| format!("entering {}: {e}", rootfs.display()))?;
     match pivot_root(".", ".") {
         Ok(()) => {
@@ -300,6 +320,42 @@ fn enter_root(rootfs: &Path) -> Result<()> {
         Err(e) => return Err(format!("pivot_root to {}: {e}", rootfs.display())),
     }
     chdir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
+/// Rlimits, OOM score and no_new_privs: set while still root, inherited across exec.
+fn apply_limits(config: &InitConfig) -> Result<()> {
+    for (resource, soft, hard) in &config.rlimits {
+        let limit = libc::rlimit {
+            rlim_cur: *soft as libc::rlim_t,
+            rlim_max: *hard as libc::rlim_t,
+        };
+        // SAFETY: setrlimit reads one rlimit from the pointer, which outlives the call.
+        if unsafe { libc::setrlimit(*resource, &limit) } < 0 {
+            return Err(format!(
+                "setrlimit {resource}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    // 0 (also proto3's "unset") resets what the agent may have set for itself; only an explicit
+    // value is worth failing for.
+    let oom = std::fs::write("/proc/self/oom_score_adj", config.oom_score_adj.to_string());
+    if let (Err(e), true) = (oom, config.oom_score_adj != 0) {
+        return Err(format!(
+            "setting oom_score_adj to {}: {e}",
+            config.oom_score_adj
+        ));
+    }
+    if config.no_new_privileges {
+        // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
+            return Err(format!(
+                "setting no_new_privs: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn switch_user(config: &InitConfig) -> Result<()> {

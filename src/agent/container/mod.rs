@@ -4,8 +4,27 @@
 //! - [`spawn`]: clone + re-exec of the agent as the container's init;
 //! - [`init`]: that init, which builds the container's view and execs the program at start;
 //! - [`stdio`]: pipes or a pty, with blocking reads that return empty data at EOF;
-//! - [`state`]: one container's process and its lifecycle;
+//! - [`state`]: one process (a container's init or an exec'd one) and its lifecycle;
 //! - [`storage`]: sandbox storages (9p shares).
+//!
+//! What the shim can rely on:
+//! - `OCI.Root.Path` is an absolute path in the guest (e.g. under a 9p share that CreateSandbox
+//!   mounted); bind mount sources are guest paths too. Mounts: proc, sysfs, tmpfs, devtmpfs,
+//!   mqueue, bind/rbind; devpts becomes a bind of the guest's /dev/pts (where the agent's ptys
+//!   live); cgroup mounts are skipped. /proc is always mounted, /dev always gets null, zero, full,
+//!   random, urandom, tty. Rlimits, OOMScoreAdj, NoNewPrivileges apply; Linux.{MaskedPaths,
+//!   ReadonlyPaths, Sysctl, Namespaces} are ignored (the VM is the isolation boundary).
+//! - CreateContainer does all the setup and finds the program, so a missing program fails
+//!   CreateContainer (INVALID_ARGUMENT); StartContainer only execs, and an exec failure comes back
+//!   as FAILED_PRECONDITION (the process then exits 127).
+//! - ReadStdout/ReadStderr block until data; empty data means EOF. With a terminal all output is
+//!   on stdout and stderr is at EOF at once. A read the client abandons still consumes the data
+//!   it gets, so keep one reader per stream.
+//! - WaitProcess: exit code, or 128 + N after signal N; any number of times, before or after exit.
+//! - SignalProcess after the exit succeeds (nothing to signal). An empty exec_id (or the container
+//!   id) names the init; SIGKILL to it ends every process of the container.
+//! - NOT_FOUND for unknown containers/processes, ALREADY_EXISTS for duplicates, INVALID_ARGUMENT
+//!   for specs the agent cannot run.
 
 pub mod init;
 pub mod spawn;
@@ -24,7 +43,19 @@ use ttrpc::Code;
 
 use crate::agent::reaper::Reaper;
 use crate::protocols::agent;
-use state::Container;
+use state::Process;
+
+/// A container: its init (PID 1 of the container) and the processes ExecProcess added.
+pub struct Container {
+    pub init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+}
+
+impl Container {
+    fn execs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Process>>> {
+        self.execs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// How long DestroySandbox waits for each container to die after SIGKILL.
 const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,17 +94,62 @@ impl Containers {
             .ok_or_else(|| status(Code::NOT_FOUND, format!("container {id:?} not found")))
     }
 
-    /// The container of a process; only the container's own process (exec_id empty or the
-    /// container id) exists, as ExecProcess is not supported.
-    pub fn process(&self, id: &str, exec_id: &str) -> RpcResult<Arc<Container>> {
+    /// A process of a container: its init for an empty exec_id (or one equal to the container
+    /// id), else a process started by ExecProcess.
+    pub fn process(&self, id: &str, exec_id: &str) -> RpcResult<Arc<Process>> {
         let container = self.get(id)?;
-        if !exec_id.is_empty() && exec_id != id {
-            return Err(status(
+        if exec_id.is_empty() || exec_id == id {
+            return Ok(container.init.clone());
+        }
+        let exec = container.execs().get(exec_id).cloned();
+        exec.ok_or_else(|| {
+            status(
                 Code::NOT_FOUND,
                 format!("process {exec_id:?} of container {id:?} not found"),
+            )
+        })
+    }
+
+    /// Starts one more process in a running container's namespaces.
+    pub async fn exec(&self, req: agent::ExecProcessRequest) -> RpcResult<()> {
+        let id = &req.container_id;
+        let exec_id = req.exec_id.clone();
+        let container = self.get(id)?;
+        if exec_id.is_empty() || exec_id == *id {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "ExecProcess needs an exec_id other than the container id",
             ));
         }
-        Ok(container)
+        if container.execs().contains_key(&exec_id) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("process {exec_id:?} of container {id:?} already exists"),
+            ));
+        }
+        if container.init.exited().is_some() {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {id:?} is not running"),
+            ));
+        }
+        let process = req
+            .process
+            .into_option()
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "ExecProcess without a process"))?;
+        let label = format!("process {exec_id:?} of container {id:?}");
+        let launched = Process::exec(&self.reaper, label, container.init.pid, process).await?;
+        let mut execs = container.execs();
+        if execs.contains_key(&exec_id) {
+            drop(execs);
+            launched.kill(&self.reaper, Signal::SIGKILL);
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("process {exec_id:?} of container {id:?} already exists"),
+            ));
+        }
+        execs.insert(exec_id, Arc::new(launched));
+        Ok(())
     }
 
     pub async fn create_sandbox(&self, req: &agent::CreateSandboxRequest) -> RpcResult<()> {
@@ -128,40 +204,45 @@ impl Containers {
                 "CreateContainer without an OCI spec",
             )
         })?;
-        let container = Container::create(&self.reaper, id.clone(), spec).await?;
+        let init = Process::create_init(&self.reaper, format!("container {id:?}"), spec).await?;
         let mut map = self.map();
         if map.contains_key(&id) {
             // Lost a race with a concurrent create of the same id.
             drop(map);
-            container.kill(&self.reaper, Signal::SIGKILL);
+            init.kill(&self.reaper, Signal::SIGKILL);
             return Err(already_exists(&id));
         }
+        let container = Container {
+            init: Arc::new(init),
+            execs: Mutex::new(HashMap::new()),
+        };
         map.insert(id, Arc::new(container));
         Ok(())
     }
 
     pub async fn start(&self, id: &str) -> RpcResult<()> {
-        self.get(id)?.start().await
+        self.get(id)?.init.start().await
     }
 
     /// Signals the container's process. Signalling a process that has already exited is not an
     /// error (the shim's kill after exit races with the exit anyway).
     pub fn signal(&self, id: &str, exec_id: &str, signal: u32) -> RpcResult<()> {
-        let container = self.process(id, exec_id)?;
+        let process = self.process(id, exec_id)?;
         let signal = i32::try_from(signal)
             .ok()
             .and_then(|s| Signal::try_from(s).ok())
             .ok_or_else(|| status(Code::INVALID_ARGUMENT, format!("invalid signal {signal}")))?;
-        container.kill(&self.reaper, signal);
+        process.kill(&self.reaper, signal);
         Ok(())
     }
 
-    /// Kills a container that still runs (SIGKILL), waits up to `timeout` (zero: no bound) for it
-    /// to be reaped, and forgets it.
+    /// Kills a container that still runs (SIGKILL to its init takes the whole pid namespace,
+    /// exec'd processes too), waits up to `timeout` (zero: no bound) for the init to be reaped,
+    /// and forgets the container.
     pub async fn remove(&self, id: &str, timeout: Duration) -> RpcResult<()> {
-        let container = self.get(id)?;
-        container.kill(&self.reaper, Signal::SIGKILL);
-        let wait = container.wait();
+        let init = self.get(id)?.init.clone();
+        init.kill(&self.reaper, Signal::SIGKILL);
+        let wait = init.wait();
         if timeout.is_zero() {
             wait.await;
         } else if tokio::time::timeout(timeout, wait).await.is_err() {

@@ -105,13 +105,164 @@ pub fn spawn_init(reaper: &Reaper, config: &[u8], stdio: ChildStdio) -> io::Resu
     })
 }
 
-/// Reports the failed re-exec on the status pipe and exits, in the cloned child.
-unsafe fn fail(status_fd: i32) -> ! {
-    const MSG: &[u8] = b"Ecannot re-execute the agent as the container's init";
+/// Namespaces the exec helper joins. The mount namespace is joined by the exec'd init itself
+/// (fd [`FD_MNT_NS`]): a dynamically linked agent could not even be loaded inside the container.
+const EXEC_NAMESPACES: [&str; 3] = ["ipc", "uts", "pid"];
+
+/// The container's mount namespace, passed to an exec'd init.
+pub const FD_MNT_NS: i32 = 6;
+
+/// The argument after [`INIT_SUBCOMMAND`] that selects the exec mode of the init.
+pub const EXEC_MODE: &str = "exec";
+
+/// Starts a process in the namespaces of the running container init `target`.
+///
+/// A helper child joins the namespaces (setns of a pid namespace only applies to new children)
+/// and clones the real process with CLONE_PARENT, so that it is the agent's child like any other;
+/// the helper reports the new pid on a pipe and exits. The reaper's lock is held until the pid is
+/// registered, so even an immediate exit is not lost.
+pub fn spawn_exec(
+    reaper: &Reaper,
+    target: Pid,
+    config: &[u8],
+    stdio: ChildStdio,
+) -> io::Result<Spawned> {
+    let mut namespaces = Vec::new();
+    for ns in EXEC_NAMESPACES {
+        let path = format!("/proc/{}/ns/{ns}", target.as_raw());
+        let file = std::fs::File::open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("opening {path}: {e}")))?;
+        namespaces.push(OwnedFd::from(file));
+    }
+    let mnt_path = format!("/proc/{}/ns/mnt", target.as_raw());
+    let mnt_ns = std::fs::File::open(&mnt_path)
+        .map_err(|e| io::Error::new(e.kind(), format!("opening {mnt_path}: {e}")))?;
+    // Executed by fd: once in the container's mount namespace, the agent's path is not there.
+    let exe = OwnedFd::from(std::fs::File::open("/proc/self/exe")?);
+    let memfd = memfd_create(c"exec-spec", MFdFlags::MFD_CLOEXEC)?;
+    let mut file = std::fs::File::from(memfd);
+    file.write_all(config)?;
+    file.rewind()?;
+    let (start_r, start_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let (status_r, status_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let (pid_r, pid_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+
+    let arg0 = c"kata-agent";
+    let arg1 = CString::new(INIT_SUBCOMMAND).map_err(io::Error::other)?;
+    let arg2 = CString::new(EXEC_MODE).map_err(io::Error::other)?;
+    let argv = [
+        arg0.as_ptr(),
+        arg1.as_ptr(),
+        arg2.as_ptr(),
+        std::ptr::null(),
+    ];
+    let envp = [std::ptr::null::<libc::c_char>()];
+    let empty = c"";
+    let sources = [
+        stdio.stdin.as_raw_fd(),
+        stdio.stdout.as_raw_fd(),
+        stdio.stderr.as_raw_fd(),
+        file.as_raw_fd(),
+        start_r.as_raw_fd(),
+        status_w.as_raw_fd(),
+        mnt_ns.as_raw_fd(),
+    ];
+    let ns_fds = [
+        namespaces[0].as_raw_fd(),
+        namespaces[1].as_raw_fd(),
+        namespaces[2].as_raw_fd(),
+    ];
+    let exe_fd = exe.as_raw_fd();
+    let status_raw = status_w.as_raw_fd();
+    let pid_raw = pid_w.as_raw_fd();
+    let mut stack = vec![0u8; STACK_SIZE];
+
+    let helper = Box::new(move || -> isize {
+        // SAFETY: only async-signal-safe calls on fds and pointers prepared before the clone.
+        unsafe {
+            let mut high = [-1; 7];
+            for (slot, fd) in high.iter_mut().zip(sources) {
+                *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 7);
+                if *slot < 0 {
+                    fail(status_raw);
+                }
+            }
+            for (target, fd) in high.iter().enumerate() {
+                if libc::dup2(*fd, target as i32) < 0 {
+                    fail(status_raw);
+                }
+            }
+            for fd in ns_fds {
+                if libc::setns(fd, 0) < 0 {
+                    fail_with(FD_STATUS, b"Ecannot join the container's namespaces");
+                }
+            }
+            // Like fork (no new stack), but the child's parent is the agent.
+            let pid = libc::syscall(
+                libc::SYS_clone,
+                libc::CLONE_PARENT | libc::SIGCHLD,
+                0,
+                0,
+                0,
+                0,
+            );
+            if pid == 0 {
+                libc::syscall(
+                    libc::SYS_execveat,
+                    exe_fd,
+                    empty.as_ptr(),
+                    argv.as_ptr(),
+                    envp.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                );
+                fail_with(FD_STATUS, b"Ecannot re-execute the agent for the container");
+            }
+            if pid < 0 {
+                fail_with(
+                    FD_STATUS,
+                    b"Ecannot clone into the container's pid namespace",
+                );
+            }
+            let pid = pid as i32;
+            libc::write(pid_raw, (&pid as *const i32).cast(), 4);
+            libc::_exit(0)
+        }
+    });
+    let (pid, exit) = reaper.spawn(|| -> io::Result<Pid> {
+        // SAFETY: as in spawn_init; the helper's own exit is reaped as an orphan.
+        unsafe { nix::sched::clone(helper, &mut stack, CloneFlags::empty(), Some(libc::SIGCHLD)) }?;
+        drop(pid_w);
+        let mut raw = [0u8; 4];
+        std::fs::File::from(pid_r)
+            .read_exact(&mut raw)
+            .map_err(|e| io::Error::new(e.kind(), "the exec helper reported no pid"))?;
+        Ok(Pid::from_raw(i32::from_ne_bytes(raw)))
+    })?;
+    drop((stdio, file, start_r, status_w, namespaces, mnt_ns, exe));
+    Ok(Spawned {
+        pid,
+        exit,
+        start: start_w,
+        status: status_r,
+    })
+}
+
+/// Reports a failed step on the status pipe and exits, in the cloned child.
+unsafe fn fail_with(status_fd: i32, msg: &[u8]) -> ! {
     // SAFETY: write and _exit are async-signal-safe.
     unsafe {
-        libc::write(status_fd, MSG.as_ptr().cast(), MSG.len());
+        libc::write(status_fd, msg.as_ptr().cast(), msg.len());
         libc::_exit(127)
+    }
+}
+
+unsafe fn fail(status_fd: i32) -> ! {
+    // SAFETY: see fail_with.
+    unsafe {
+        fail_with(
+            status_fd,
+            b"Ecannot re-execute the agent as the container's init",
+        )
     }
 }
 

@@ -28,7 +28,17 @@ pub struct InitConfig {
     pub gid: u32,
     pub additional_gids: Vec<u32>,
     pub terminal: bool,
+    /// (resource, soft, hard) for setrlimit.
+    pub rlimits: Vec<(RlimitResource, u64, u64)>,
+    pub no_new_privileges: bool,
+    pub oom_score_adj: i64,
 }
+
+/// An `RLIMIT_*` constant, as libc types it on this target.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub type RlimitResource = libc::__rlimit_resource_t;
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub type RlimitResource = libc::c_int;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountPlan {
@@ -97,7 +107,43 @@ pub fn translate(spec: &oci::Spec) -> Result<InitConfig, SpecError> {
         gid: user.map_or(0, |u| u.GID),
         additional_gids: user.map(|u| u.AdditionalGids.clone()).unwrap_or_default(),
         terminal: process.Terminal,
+        rlimits: process
+            .Rlimits
+            .iter()
+            .map(rlimit)
+            .collect::<Result<_, _>>()?,
+        no_new_privileges: process.NoNewPrivileges,
+        oom_score_adj: process.OOMScoreAdj,
     })
+}
+
+fn rlimit(limit: &oci::POSIXRlimit) -> Result<(RlimitResource, u64, u64), SpecError> {
+    let resource = match limit.Type.as_str() {
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        other => return Err(invalid(format!("unknown rlimit type {other:?}"))),
+    };
+    if limit.Soft > limit.Hard {
+        return Err(invalid(format!(
+            "rlimit {}: soft limit {} exceeds hard limit {}",
+            limit.Type, limit.Soft, limit.Hard
+        )));
+    }
+    Ok((resource, limit.Soft, limit.Hard))
 }
 
 type ProcessParts = (Vec<CString>, Vec<CString>, PathBuf);
@@ -332,5 +378,10 @@ mod tests {
         let mut s = spec(&["x"]);
         s.Process.mut_or_insert_default().Cwd = "tmp".into();
         assert!(err(s).contains("Process.Cwd"));
+        let mut s = spec(&["x"]);
+        let mut limit = oci::POSIXRlimit::new();
+        limit.Type = "RLIMIT_BOGUS".into();
+        s.Process.mut_or_insert_default().Rlimits = vec![limit];
+        assert!(err(s).contains("RLIMIT_BOGUS"));
     }
 }

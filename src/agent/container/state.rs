@@ -1,4 +1,5 @@
-//! One container: its init process (created, then started), exit status and stdio.
+//! One process of a container (its init, or one added by ExecProcess): pid, exit status, stdio,
+//! and the pipes that start it.
 
 use std::fs::File;
 use std::io::Write;
@@ -20,7 +21,8 @@ use crate::protocols::oci;
 const DEFAULT_ROWS: u16 = 24;
 const DEFAULT_COLS: u16 = 80;
 
-pub struct Container {
+pub struct Process {
+    /// For messages: `container "c1"` or `process "e1" of container "c1"`.
     pub id: String,
     pub pid: Pid,
     exit: ExitWatch,
@@ -29,21 +31,46 @@ pub struct Container {
     pending: tokio::sync::Mutex<Option<(OwnedFd, OwnedFd)>>,
 }
 
-impl Container {
+impl Process {
     /// Validates the spec, then starts the init, which sets everything up and waits for start:
     /// any problem it finds (mounts, user, missing program) fails CreateContainer.
-    pub async fn create(reaper: &Reaper, id: String, spec: oci::Spec) -> RpcResult<Container> {
+    pub async fn create_init(reaper: &Reaper, id: String, spec: oci::Spec) -> RpcResult<Process> {
+        Self::launch(reaper, id, spec, None).await
+    }
+
+    /// Runs one more process in the namespaces of the container whose init is `target`: created
+    /// and started at once (ExecProcess has no separate start).
+    pub async fn exec(
+        reaper: &Reaper,
+        label: String,
+        target: Pid,
+        process: oci::Process,
+    ) -> RpcResult<Process> {
+        let mut spec = oci::Spec::new();
+        // The exec'd process enters the container's root; "/" only satisfies validation.
+        spec.Root.mut_or_insert_default().Path = "/".into();
+        spec.Process = Some(process).into();
+        let launched = Self::launch(reaper, label, spec, Some(target)).await?;
+        launched.start().await?;
+        Ok(launched)
+    }
+
+    async fn launch(
+        reaper: &Reaper,
+        id: String,
+        spec: oci::Spec,
+        exec_in: Option<Pid>,
+    ) -> RpcResult<Process> {
         let invalid = |msg: String| status(Code::INVALID_ARGUMENT, msg);
-        let config =
-            spec::translate(&spec).map_err(|e| invalid(format!("container {id:?}: {e}")))?;
+        let config = spec::translate(&spec).map_err(|e| invalid(format!("{id}: {e}")))?;
         if !config.rootfs.is_dir() {
             return Err(invalid(format!(
-                "container {id:?}: Root.Path {} is not a directory in the guest",
+                "{id}: Root.Path {} is not a directory in the guest",
                 config.rootfs.display()
             )));
         }
         let internal = |what: &str, e: &dyn std::fmt::Display| {
-            status(Code::INTERNAL, format!("container {id:?}: {what}: {e}"))
+            status(Code::INTERNAL, format!("{id}: {what}: {e}"))
         };
         let (stdio, child) = if config.terminal {
             let size = spec.Process.ConsoleSize.as_ref();
@@ -62,7 +89,10 @@ impl Container {
             .map_err(|e| internal("encoding the spec", &e))?;
         let reaper = reaper.clone();
         let (spawned, reported) = tokio::task::spawn_blocking(move || {
-            let spawned = spawn::spawn_init(&reaper, &bytes, child)?;
+            let spawned = match exec_in {
+                None => spawn::spawn_init(&reaper, &bytes, child)?,
+                Some(target) => spawn::spawn_exec(&reaper, target, &bytes, child)?,
+            };
             let mut status_pipe = File::from(spawned.status.try_clone()?);
             let reported = spawn::read_status(&mut status_pipe)?;
             Ok::<_, std::io::Error>((spawned, reported))
@@ -71,14 +101,14 @@ impl Container {
         .map_err(|e| internal("spawning the init", &e))?
         .map_err(|e| internal("spawning the init", &e))?;
         match reported {
-            Status::Ready => Ok(Container {
+            Status::Ready => Ok(Process {
                 id,
                 pid: spawned.pid,
                 exit: spawned.exit,
                 stdio,
                 pending: tokio::sync::Mutex::new(Some((spawned.start, spawned.status))),
             }),
-            Status::Error(msg) => Err(invalid(format!("creating container {id:?}: {msg}"))),
+            Status::Error(msg) => Err(invalid(format!("creating {id}: {msg}"))),
             Status::Closed => Err(internal("the init", &"exited before it was ready")),
         }
     }
@@ -89,13 +119,13 @@ impl Container {
         let (start, status_pipe) = self.pending.lock().await.take().ok_or_else(|| {
             status(
                 Code::FAILED_PRECONDITION,
-                format!("container {id:?} was already started"),
+                format!("{id} was already started"),
             )
         })?;
         if self.exited().is_some() {
             return Err(status(
                 Code::FAILED_PRECONDITION,
-                format!("container {id:?} exited before it was started"),
+                format!("{id} exited before it was started"),
             ));
         }
         let reported = tokio::task::spawn_blocking(move || {
@@ -109,15 +139,15 @@ impl Container {
             Ok(Status::Closed) => Ok(()),
             Ok(Status::Error(msg)) => Err(status(
                 Code::FAILED_PRECONDITION,
-                format!("starting container {id:?}: {msg}"),
+                format!("starting {id}: {msg}"),
             )),
             Ok(Status::Ready) => Err(status(
                 Code::INTERNAL,
-                format!("starting container {id:?}: unexpected message from its init"),
+                format!("starting {id}: unexpected message from its init"),
             )),
             Err(e) => Err(status(
                 Code::FAILED_PRECONDITION,
-                format!("starting container {id:?}: its init is gone ({e})"),
+                format!("starting {id}: its init is gone ({e})"),
             )),
         }
     }
@@ -135,7 +165,7 @@ impl Container {
     /// Signals the process unless it already exited (then: nothing to do, no error).
     pub fn kill(&self, reaper: &Reaper, signal: Signal) {
         if let Err(err) = reaper.kill(self.pid, &self.exit, signal) {
-            tracing::warn!(id = %self.id, %err, "signalling the container");
+            tracing::warn!(process = %self.id, %err, "signalling");
         }
     }
 }
