@@ -13,8 +13,18 @@ name=docker.io/library/busybox:latest
 
 busybox=$(command -v busybox || true)
 [[ -n $busybox ]] || die "busybox is not installed (run: make deps, package busybox-static)"
-file -L "$busybox" 2>/dev/null | grep -q 'statically linked' \
-    || die "$busybox is not statically linked; install Debian's busybox-static"
+# Static means no PT_INTERP program header (checked without file(1), which a fresh Debian lacks).
+python3 - "$(realpath "$busybox")" <<'PY' || die "$busybox is not statically linked; install Debian's busybox-static"
+import struct, sys
+with open(sys.argv[1], "rb") as f:
+    elf = f.read(1 << 20)
+if elf[:4] != b"\x7fELF" or elf[4] != 2:
+    sys.exit(1)
+phoff, = struct.unpack_from("<Q", elf, 0x20)
+phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+PT_INTERP = 3
+sys.exit(any(struct.unpack_from("<I", elf, phoff + i * phentsize)[0] == PT_INTERP for i in range(phnum)))
+PY
 command -v umoci >/dev/null || die "umoci is not installed (run: make deps)"
 
 # Skip the work when the tarball is newer than busybox and this script.
