@@ -158,6 +158,21 @@ fn leftovers(env: &Containerd, id: &str) -> Vec<String> {
     if dir.exists() {
         left.push(format!("directory {}", dir.display()));
     }
+    // Shim sockets (named by a hash, so: any that no one serves, made since this containerd began).
+    let since = std::fs::metadata(env.dir.path().join("config.toml")).and_then(|m| m.modified());
+    for entry in std::fs::read_dir("/run/containerd/s")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let newer = match (&since, entry.metadata().and_then(|m| m.modified())) {
+            (Ok(since), Ok(made)) => made >= *since,
+            _ => false,
+        };
+        if newer && std::os::unix::net::UnixStream::connect(entry.path()).is_err() {
+            left.push(format!("stale shim socket {}", entry.path().display()));
+        }
+    }
     let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
     left.extend(
         unix.lines()

@@ -30,6 +30,8 @@ pub struct Service {
     /// containerd's gRPC address (the shim socket name is derived from it).
     address: String,
     bundle: PathBuf,
+    /// The serving process's own ttrpc socket (`unix://...`; empty for start and delete).
+    socket: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -52,6 +54,7 @@ impl Shim for Service {
             namespace: args.namespace.clone(),
             address: args.address.clone(),
             bundle,
+            socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -124,6 +127,12 @@ impl Shim for Service {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // The crate removes the socket only if the bundle's `address` file still exists, but
+        // containerd removes the bundle while a VM teardown may still be running: unlink it here
+        // (the listener keeps serving until the server stops).
+        if !self.socket.is_empty() {
+            let _ = std::fs::remove_file(socket_path(&self.socket));
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
