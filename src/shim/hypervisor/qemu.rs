@@ -493,7 +493,7 @@ fn qemu_args(cfg: &VmConfig, accel: Accel, vsock: VsockDevice, dir: &Path) -> Ve
     }
     let mut args: Vec<String> = vec![
         "-name".into(),
-        format!("sandbox-vm,process=qemu-ksm"),
+        format!("sandbox-{}", vm_name(dir)),
         "-accel".into(),
         match accel {
             Accel::Kvm => "kvm".into(),
@@ -555,6 +555,18 @@ fn qemu_args(cfg: &VmConfig, accel: Accel, vsock: VsockDevice, dir: &Path) -> Ve
         ]),
     }
     args
+}
+
+/// The VM's name for `-name sandbox-<name>`: the sandbox id when the state directory is
+/// `<run dir>/<sandbox id>/vm`, else the state directory's own name (QEMU option syntax: no commas).
+fn vm_name(state_dir: &Path) -> String {
+    let own = state_dir.file_name();
+    let name = match (own, state_dir.parent().and_then(Path::file_name)) {
+        (Some(own), Some(parent)) if own == "vm" => parent,
+        (Some(own), _) => own,
+        (None, _) => std::ffi::OsStr::new("vm"),
+    };
+    name.to_string_lossy().replace(',', "_")
 }
 
 /// Stdout and stderr of a child: a log file in the state directory.
@@ -873,6 +885,9 @@ mod tests {
         let cfg = config(dir.path());
         let args = qemu_args(&cfg, Accel::Tcg, VsockDevice::VhostUser, &cfg.state_dir).join(" ");
         assert!(args.contains("-accel tcg"));
+        assert!(args.starts_with("-name sandbox-"), "{args}");
+        assert_eq!(vm_name(Path::new("/run/vc/sbs/abc123/vm")), "abc123");
+        assert_eq!(vm_name(Path::new("/tmp/x/state")), "state");
         assert!(args.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
         assert!(args.contains("vhost-user-vsock-pci,chardev=vsock0"));
         assert!(args.contains("mount_tag=kataShared"));
@@ -909,6 +924,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("shorter state directory"));
+    }
+
+    #[test]
+    fn a_vm_can_move_between_tasks() {
+        fn send_and_sync<T: Send + Sync>() {}
+        send_and_sync::<Vm>();
     }
 
     #[test]
