@@ -422,6 +422,48 @@ fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
         eprintln!("BENCH {line}");
     }
 
+    // A container that CRI's annotations put into this sandbox runs in the same VM, through the
+    // same shim (no second shim, no second QEMU).
+    let joined = support::unique_id("joined");
+    let sandbox_annotation = format!("io.kubernetes.cri.sandbox-id={id}");
+    let out = env.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        &sandbox_annotation,
+        IMAGE,
+        &joined,
+        "echo",
+        "joined",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\ncontainerd log:\n{}",
+        text(&out),
+        env.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "joined");
+    assert!(
+        processes_mentioning(&format!("-id {joined}")).is_empty(),
+        "a second shim was started for {joined}"
+    );
+    assert!(
+        env.run_dir().join(&id).join("shared").is_dir()
+            && !env
+                .run_dir()
+                .join(&id)
+                .join("shared")
+                .join(&joined)
+                .exists(),
+        "the joined container's rootfs is still shared"
+    );
+    assert_eq!(task_pid(&env, &id), qemu, "the sandbox's VM changed");
+
     kill_and_delete(&env, &id);
     assert_gone(qemu, "QEMU");
     assert_clean(&env, &id);
