@@ -47,21 +47,29 @@ struct Containerd {
 
 impl Containerd {
     fn start(guest: &Path) -> Containerd {
+        Containerd::start_with(guest, None)
+    }
+
+    /// With `conf`, the shims read that file (`KATA_CONF_FILE`) instead of a generated one.
+    fn start_with(guest: &Path, conf: Option<&Path>) -> Containerd {
         let dir = tempfile::Builder::new()
             .prefix("ksm-")
             .tempdir_in("/tmp")
             .expect("create a temporary directory in /tmp");
         let shim = support::bin("containerd-shim-kata-v2");
         let bin_dir = shim.parent().expect("the shim's directory");
-        let out = Command::new(repo().join("scripts/containerd-env.sh"))
+        let mut start = Command::new(repo().join("scripts/containerd-env.sh"));
+        start
             .args(["start".as_ref(), dir.path().as_os_str()])
             .env("KSM_BIN_DIR", bin_dir)
             .env("KSM_GUEST_DIR", guest)
             .env("KSM_DEFAULT_MEMORY", GUEST_MEMORY_MIB.to_string())
             .env_remove("KATA_CONF_FILE")
-            .env_remove("KATA_SANDBOX_RUN_DIR")
-            .output()
-            .expect("run scripts/containerd-env.sh");
+            .env_remove("KATA_SANDBOX_RUN_DIR");
+        if let Some(conf) = conf {
+            start.env("KATA_CONF_FILE", conf);
+        }
+        let out = start.output().expect("run scripts/containerd-env.sh");
         assert!(
             out.status.success(),
             "containerd did not start: {}",
@@ -517,5 +525,25 @@ fn after_kill_9_of_the_shim_delete_leaves_nothing() {
     assert!(out.status.success(), "ctr container delete: {}", text(&out));
     assert_gone(qemu, "QEMU");
     assert_gone(shim, "the shim");
+    assert_clean(&env, &id);
+}
+
+#[test]
+fn a_bad_configuration_fails_create_with_the_file_and_the_key() {
+    let Some(guest) = guest_dir() else { return };
+    let _vm = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let conf_dir = tempfile::tempdir().expect("a temporary directory");
+    let conf = conf_dir.path().join("configuration.toml");
+    std::fs::write(&conf, "[hypervisor.qemu]\ndefault_memroy = 256\n").expect("write the config");
+    let env = Containerd::start_with(&guest, Some(&conf));
+    let id = support::unique_id("badconf");
+    let out = env.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, &id, "true"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&conf.display().to_string()) && err.contains("default_memroy"),
+        "the error names neither the file nor the key: {err}"
+    );
+    let _ = env.ctr(&["container", "delete", &id]);
     assert_clean(&env, &id);
 }
