@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod container;
+pub mod events;
 pub mod hypervisor;
 pub mod oci;
 pub mod rootfs;
@@ -10,3 +11,4 @@ pub mod sandbox;
 pub mod service;
 pub mod stdio;
 pub mod task;
+pub mod waiter;

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use containerd_shim::api::{
@@ -17,9 +17,7 @@ use containerd_shim::api::{
     PidsResponse, ResizePtyRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest,
     StateResponse, StatsRequest, StatsResponse, Status, WaitRequest, WaitResponse,
 };
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskIO, TaskStart};
-use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskIO, TaskStart};
 use containerd_shim::protos::topics;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
@@ -28,26 +26,24 @@ use ttrpc::Code;
 
 use super::config::Config;
 use super::container::{Container, Exit};
+use super::events::{timestamp, Events};
 use super::oci;
 use super::rootfs;
 use super::sandbox::Sandbox;
 use super::stdio::{self, OutStream, StdioPaths};
+use super::waiter;
 use crate::metrics::registry::SHIM_RPC_DURATIONS;
 use crate::protocols::agent;
 
-/// How long a finished process's output may take to drain before its exit is reported.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Seconds the agent gives a container's processes to die on RemoveContainer.
 const REMOVE_TIMEOUT_SECS: u32 = 5;
-/// Exit status reported when the guest could not tell us one (VM gone, agent lost).
-const UNKNOWN_EXIT: u32 = 255;
 
 pub struct TaskService {
     namespace: String,
     /// The id containerd started this shim for: the sandbox's id.
     shim_id: String,
     config: Result<Config, String>,
-    publisher: Arc<RemotePublisher>,
+    events: Arc<Events>,
     exit: Arc<ExitSignal>,
     sandbox: tokio::sync::Mutex<Option<Sandbox>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
@@ -62,10 +58,10 @@ impl TaskService {
         exit: Arc<ExitSignal>,
     ) -> TaskService {
         TaskService {
+            events: Arc::new(Events::new(publisher, namespace.clone())),
             namespace,
             shim_id,
             config,
-            publisher: Arc::new(publisher),
             exit,
             sandbox: tokio::sync::Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
@@ -85,21 +81,6 @@ impl TaskService {
             .get(id)
             .cloned()
             .ok_or_else(|| error(Code::NOT_FOUND, format!("container {id:?} not found")))
-    }
-
-    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        if let Err(err) = self
-            .publisher
-            .publish(
-                ttrpc::context::Context::default(),
-                topic,
-                &self.namespace,
-                event,
-            )
-            .await
-        {
-            tracing::warn!(topic, "publishing event: {err}");
-        }
     }
 
     async fn do_create(&self, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
@@ -196,25 +177,26 @@ impl TaskService {
         ));
         lock(&self.containers).insert(req.id.clone(), container);
 
-        self.publish(
-            topics::TASK_CREATE_EVENT_TOPIC,
-            Box::new(TaskCreate {
-                container_id: req.id.clone(),
-                bundle: req.bundle.clone(),
-                rootfs: req.rootfs.clone(),
-                io: Some(TaskIO {
-                    stdin: req.stdin,
-                    stdout: req.stdout,
-                    stderr: req.stderr,
-                    terminal: req.terminal,
+        self.events
+            .publish(
+                topics::TASK_CREATE_EVENT_TOPIC,
+                Box::new(TaskCreate {
+                    container_id: req.id.clone(),
+                    bundle: req.bundle.clone(),
+                    rootfs: req.rootfs.clone(),
+                    io: Some(TaskIO {
+                        stdin: req.stdin,
+                        stdout: req.stdout,
+                        stderr: req.stderr,
+                        terminal: req.terminal,
+                        ..Default::default()
+                    })
+                    .into(),
+                    pid,
                     ..Default::default()
-                })
-                .into(),
-                pid,
-                ..Default::default()
-            }),
-        )
-        .await;
+                }),
+            )
+            .await;
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()
@@ -256,23 +238,23 @@ impl TaskService {
             req.id.clone(),
             container.stdio.stdin.clone(),
         ));
-        tokio::spawn(wait_for_exit(
+        tokio::spawn(waiter::wait_for_exit(
             container.clone(),
-            self.publisher.clone(),
-            self.namespace.clone(),
+            self.events.clone(),
             out,
             err,
         ));
 
-        self.publish(
-            topics::TASK_START_EVENT_TOPIC,
-            Box::new(TaskStart {
-                container_id: req.id,
-                pid: container.pid,
-                ..Default::default()
-            }),
-        )
-        .await;
+        self.events
+            .publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart {
+                    container_id: req.id,
+                    pid: container.pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
         Ok(StartResponse {
             pid: container.pid,
             ..Default::default()
@@ -306,18 +288,19 @@ impl TaskService {
         rootfs::unshare(Some(&container.bundle), &container.shared_dir, &req.id);
         lock(&self.containers).remove(&req.id);
 
-        self.publish(
-            topics::TASK_DELETE_EVENT_TOPIC,
-            Box::new(TaskDelete {
-                container_id: req.id.clone(),
-                id: req.id,
-                pid: container.pid,
-                exit_status: exit.status,
-                exited_at: Some(timestamp(exit.at)).into(),
-                ..Default::default()
-            }),
-        )
-        .await;
+        self.events
+            .publish(
+                topics::TASK_DELETE_EVENT_TOPIC,
+                Box::new(TaskDelete {
+                    container_id: req.id.clone(),
+                    id: req.id,
+                    pid: container.pid,
+                    exit_status: exit.status,
+                    exited_at: Some(timestamp(exit.at)).into(),
+                    ..Default::default()
+                }),
+            )
+            .await;
         Ok(DeleteResponse {
             pid: container.pid,
             exit_status: exit.status,
@@ -342,56 +325,6 @@ impl TaskService {
             exit.signal();
         });
         Ok(Empty::new())
-    }
-}
-
-/// Waits for the container's init process, drains its output, then records and reports the exit.
-async fn wait_for_exit(
-    container: Arc<Container>,
-    publisher: Arc<RemotePublisher>,
-    namespace: String,
-    out: tokio::task::JoinHandle<()>,
-    err: tokio::task::JoinHandle<()>,
-) {
-    let status = match container.agent.wait_process(&container.id, "").await {
-        Ok(status) => u32::try_from(status).unwrap_or(UNKNOWN_EXIT),
-        Err(e) => {
-            tracing::warn!(container = container.id, "WaitProcess: {e}");
-            UNKNOWN_EXIT
-        }
-    };
-    for copy in [out, err] {
-        let abort = copy.abort_handle();
-        if tokio::time::timeout(DRAIN_TIMEOUT, copy).await.is_err() {
-            abort.abort();
-        }
-    }
-    container.stop_stdin_copy();
-    let exit = Exit {
-        status,
-        at: SystemTime::now(),
-    };
-    if !container.set_exit(exit) {
-        return;
-    }
-    let event = TaskExit {
-        container_id: container.id.clone(),
-        id: container.id.clone(),
-        pid: container.pid,
-        exit_status: status,
-        exited_at: Some(timestamp(exit.at)).into(),
-        ..Default::default()
-    };
-    if let Err(e) = publisher
-        .publish(
-            ttrpc::context::Context::default(),
-            topics::TASK_EXIT_EVENT_TOPIC,
-            &namespace,
-            Box::new(event),
-        )
-        .await
-    {
-        tracing::warn!("publishing TaskExit: {e}");
     }
 }
 
@@ -545,7 +478,10 @@ impl Task for TaskService {
                 if let Some(copy) = c.take_stdin_copy() {
                     tokio::spawn(async move {
                         let abort = copy.abort_handle();
-                        if tokio::time::timeout(DRAIN_TIMEOUT, copy).await.is_err() {
+                        if tokio::time::timeout(waiter::DRAIN_TIMEOUT, copy)
+                            .await
+                            .is_err()
+                        {
                             abort.abort();
                         }
                     });
@@ -583,10 +519,6 @@ impl Task for TaskService {
 
 fn error(code: Code, message: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
-}
-
-fn timestamp(at: SystemTime) -> Timestamp {
-    Timestamp::from(at)
 }
 
 /// A poisoned lock only means another task panicked while holding it; the map is still usable.
