@@ -40,6 +40,11 @@ install: build guest-image
 		target/release/kata-monitor $(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 $(GUEST_DIR)/vmlinux $(GUEST_DIR)/initrd.img $(DESTDIR)$(SHARE_DIR)/
 	install -m 0644 config/configuration.toml $(DESTDIR)$(SHARE_DIR)/configuration.toml.example
+	@# containerd (a systemd service) does not see ~/.cargo/bin, where `make deps` puts the daemon.
+	@daemon=$$(command -v vhost-device-vsock || true); \
+	if [ -n "$$daemon" ] && [ ! -e $(DESTDIR)$(PREFIX)/bin/vhost-device-vsock ]; then \
+		install -m 0755 "$$daemon" $(DESTDIR)$(PREFIX)/bin/; \
+	fi
 	@if [ -e $(DESTDIR)$(CONF_FILE) ]; then \
 		echo "keeping the existing $(DESTDIR)$(CONF_FILE)"; \
 	else \
