@@ -8,8 +8,10 @@ BUILD_DIR := build
 GUEST_DIR := $(BUILD_DIR)/guest
 STATIC_AGENT := target/$(TRIPLE)/release/kata-agent
 PREFIX ?= /usr/local
+SHARE_DIR ?= $(PREFIX)/share/kata-shim-metrics
+CONF_FILE ?= /etc/kata-containers/configuration.toml
 
-.PHONY: all deps build agent-static guest-image test lint bench install demo clean
+.PHONY: all deps build agent-static guest-image busybox-image test lint bench install demo clean
 
 all: build guest-image
 
@@ -30,13 +32,40 @@ agent-static:
 guest-image: agent-static
 	scripts/build-guest-image.sh $(STATIC_AGENT) $(GUEST_DIR)
 
+## install: binaries to $(PREFIX)/bin, the guest image to $(SHARE_DIR), and the default
+## configuration to $(CONF_FILE) (only if there is none yet).
+install: build guest-image
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SHARE_DIR)
+	install -m 0755 target/release/containerd-shim-kata-v2 target/release/kata-runtime \
+		target/release/kata-monitor $(DESTDIR)$(PREFIX)/bin/
+	install -m 0644 $(GUEST_DIR)/vmlinux $(GUEST_DIR)/initrd.img $(DESTDIR)$(SHARE_DIR)/
+	install -m 0644 config/configuration.toml $(DESTDIR)$(SHARE_DIR)/configuration.toml.example
+	@# containerd (a systemd service) does not see ~/.cargo/bin, where `make deps` puts the daemon.
+	@daemon=$$(command -v vhost-device-vsock || true); \
+	if [ -n "$$daemon" ] && [ ! -e $(DESTDIR)$(PREFIX)/bin/vhost-device-vsock ]; then \
+		install -m 0755 "$$daemon" $(DESTDIR)$(PREFIX)/bin/; \
+	fi
+	@if [ -e $(DESTDIR)$(CONF_FILE) ]; then \
+		echo "keeping the existing $(DESTDIR)$(CONF_FILE)"; \
+	else \
+		install -D -m 0644 config/configuration.toml $(DESTDIR)$(CONF_FILE); \
+	fi
+
+## busybox-image: the offline busybox OCI image for the demo and the tests.
+busybox-image:
+	scripts/build-busybox-image.sh $(BUILD_DIR)/busybox.tar
+
+## demo: a private containerd runs a busybox sandbox with our runtime and prints its metrics.
+demo: deps build guest-image busybox-image
+	KSM_BIN_DIR=$(abspath target/release) KSM_GUEST_DIR=$(abspath $(GUEST_DIR)) scripts/demo.sh
+
 ## lint: formatting and clippy, warnings as errors.
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
 ## test: everything CI runs.
-test: deps guest-image lint
+test: deps guest-image busybox-image lint
 	KSM_GUEST_DIR=$(abspath $(GUEST_DIR)) $(CARGO) test
 
 ## bench: the benchmarks; results are written down in BENCHMARKS.md.

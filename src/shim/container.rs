@@ -1,0 +1,126 @@
+//! One container of the sandbox as the shim tracks it: its bundle, stdio, status, and the exit
+//! that the waiter records once the guest process ended and its output was drained.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use containerd_shim::api::Status;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::stdio::StdioPaths;
+use crate::agent::client::AgentClient;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub status: u32,
+    pub at: SystemTime,
+}
+
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub stdio: StdioPaths,
+    /// The pid containerd sees for the task (the VMM's: the guest's pids mean nothing on the host).
+    pub pid: u32,
+    /// The sandbox's agent, which runs this container.
+    pub agent: Arc<AgentClient>,
+    /// The sandbox's shared directory, where this container's rootfs is bound.
+    pub shared_dir: PathBuf,
+    started: Mutex<bool>,
+    exit_tx: watch::Sender<Option<Exit>>,
+    stdin_copy: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Container {
+    pub fn new(
+        id: String,
+        bundle: PathBuf,
+        stdio: StdioPaths,
+        pid: u32,
+        agent: Arc<AgentClient>,
+        shared_dir: PathBuf,
+    ) -> Container {
+        Container {
+            id,
+            bundle,
+            stdio,
+            pid,
+            agent,
+            shared_dir,
+            started: Mutex::new(false),
+            exit_tx: watch::channel(None).0,
+            stdin_copy: Mutex::new(None),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        if self.exit().is_some() {
+            Status::STOPPED
+        } else if *lock(&self.started) {
+            Status::RUNNING
+        } else {
+            Status::CREATED
+        }
+    }
+
+    pub fn mark_started(&self) {
+        *lock(&self.started) = true;
+    }
+
+    pub fn exit(&self) -> Option<Exit> {
+        *self.exit_tx.borrow()
+    }
+
+    /// Records the exit once; later calls keep the first.
+    pub fn set_exit(&self, exit: Exit) -> bool {
+        self.exit_tx.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(exit);
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Waits until the process ended and its output was drained.
+    pub async fn wait(&self) -> Exit {
+        let mut rx = self.exit_tx.subscribe();
+        loop {
+            if let Some(exit) = *rx.borrow_and_update() {
+                return exit;
+            }
+            // The sender lives as long as `self`, so this cannot fail while we borrow it.
+            if rx.changed().await.is_err() {
+                return Exit {
+                    status: 255,
+                    at: SystemTime::now(),
+                };
+            }
+        }
+    }
+
+    pub fn set_stdin_copy(&self, handle: Option<JoinHandle<()>>) {
+        *lock(&self.stdin_copy) = handle;
+    }
+
+    /// Stops copying stdin (the process is gone).
+    pub fn stop_stdin_copy(&self) {
+        if let Some(handle) = lock(&self.stdin_copy).take() {
+            handle.abort();
+        }
+    }
+
+    /// The stdin copy, for CloseIO to let it finish.
+    pub fn take_stdin_copy(&self) -> Option<JoinHandle<()>> {
+        lock(&self.stdin_copy).take()
+    }
+}
+
+/// A poisoned lock only means another task panicked while holding it; the data is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

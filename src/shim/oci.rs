@@ -1,0 +1,230 @@
+//! Turns the bundle's OCI `config.json` into the agent's `grpc.Spec`.
+//!
+//! The guest sees none of the host's paths: the root becomes the shared directory's path inside
+//! the VM, host bind mounts are left out (they are not shared yet), and namespace paths (host
+//! network namespaces and the like) are dropped so the agent creates fresh ones.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use crate::protocols::oci as grpc;
+
+/// Where the agent mounts the shared directory (9p tag `kataShared`) inside the VM.
+pub const GUEST_SHARED_DIR: &str = "/run/kata-containers/shared/containers";
+/// The 9p tag of the shared directory.
+pub const SHARED_TAG: &str = "kataShared";
+
+/// Annotation that says whether a container is a pod sandbox or a container in one.
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// Annotation naming the sandbox a container belongs to.
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// Mount types that the guest kernel provides itself; everything else needs host files.
+const GUEST_FS_TYPES: &[&str] = &[
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("reading the OCI spec {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("the OCI spec {path} has no process")]
+    NoProcess { path: String },
+}
+
+/// Loads `<bundle>/config.json`.
+pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
+    let path = bundle.join("config.json");
+    Spec::load(&path).map_err(|err| SpecError::Load {
+        path: path.display().to_string(),
+        message: err.to_string(),
+    })
+}
+
+/// The pod a sandbox belongs to (kata-monitor's `cri_*` labels), from the CRI annotations.
+pub fn pod_identity(spec: &Spec) -> Option<crate::mgmt::PodIdentity> {
+    crate::mgmt::pod_identity_from_annotations(spec.annotations().as_ref()?)
+}
+
+/// The sandbox a container joins, when its annotations say it is a container in an existing
+/// sandbox (CRI's pattern). `None` means: this container is a sandbox of its own.
+pub fn sandbox_of(spec: &Spec) -> Option<String> {
+    let annotations = spec.annotations().as_ref()?;
+    if annotations.get(CONTAINER_TYPE).map(String::as_str) != Some("container") {
+        return None;
+    }
+    annotations
+        .get(SANDBOX_ID)
+        .filter(|id| !id.is_empty())
+        .cloned()
+}
+
+/// The container's root inside the guest.
+pub fn guest_rootfs(container_id: &str) -> String {
+    format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
+}
+
+/// The agent's view of `spec` for container `container_id`.
+pub fn to_agent_spec(
+    spec: &Spec,
+    container_id: &str,
+    bundle: &Path,
+) -> Result<grpc::Spec, SpecError> {
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| SpecError::NoProcess {
+            path: bundle.join("config.json").display().to_string(),
+        })?;
+    let user = process.user();
+    let mut out = grpc::Spec {
+        Version: spec.version().clone(),
+        Hostname: spec.hostname().clone().unwrap_or_default(),
+        Annotations: spec.annotations().clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    out.Process = Some(grpc::Process {
+        Terminal: process.terminal().unwrap_or(false),
+        User: Some(grpc::User {
+            UID: user.uid(),
+            GID: user.gid(),
+            AdditionalGids: user.additional_gids().clone().unwrap_or_default(),
+            Username: user.username().clone().unwrap_or_default(),
+            ..Default::default()
+        })
+        .into(),
+        Args: process.args().clone().unwrap_or_default(),
+        Env: process.env().clone().unwrap_or_default(),
+        Cwd: process.cwd().display().to_string(),
+        NoNewPrivileges: process.no_new_privileges().unwrap_or(false),
+        ..Default::default()
+    })
+    .into();
+    out.Root = Some(grpc::Root {
+        Path: guest_rootfs(container_id),
+        Readonly: spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false),
+        ..Default::default()
+    })
+    .into();
+    out.Mounts = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.typ()
+                .as_deref()
+                .is_some_and(|t| GUEST_FS_TYPES.contains(&t))
+        })
+        .map(|m| grpc::Mount {
+            destination: m.destination().display().to_string(),
+            source: m
+                .source()
+                .as_ref()
+                .map(|s| s.display().to_string())
+                .unwrap_or_default(),
+            type_: m.typ().clone().unwrap_or_default(),
+            options: m.options().clone().unwrap_or_default(),
+            ..Default::default()
+        })
+        .collect();
+    if let Some(linux) = spec.linux() {
+        out.Linux = Some(grpc::Linux {
+            Sysctl: linux.sysctl().clone().unwrap_or_else(HashMap::new),
+            CgroupsPath: linux
+                .cgroups_path()
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            Namespaces: linux
+                .namespaces()
+                .iter()
+                .flatten()
+                .map(|ns| grpc::LinuxNamespace {
+                    Type: namespace_name(ns.typ()).to_string(),
+                    // A host path means nothing inside the VM.
+                    Path: String::new(),
+                    ..Default::default()
+                })
+                .collect(),
+            MaskedPaths: linux.masked_paths().clone().unwrap_or_default(),
+            ReadonlyPaths: linux.readonly_paths().clone().unwrap_or_default(),
+            ..Default::default()
+        })
+        .into();
+    }
+    Ok(out)
+}
+
+/// The namespace names of the OCI JSON (`mount`, `network`, ...).
+fn namespace_name(typ: LinuxNamespaceType) -> &'static str {
+    match typ {
+        LinuxNamespaceType::Mount => "mount",
+        LinuxNamespaceType::Cgroup => "cgroup",
+        LinuxNamespaceType::Uts => "uts",
+        LinuxNamespaceType::Ipc => "ipc",
+        LinuxNamespaceType::User => "user",
+        LinuxNamespaceType::Pid => "pid",
+        LinuxNamespaceType::Network => "network",
+        LinuxNamespaceType::Time => "time",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"{
+      "ociVersion": "1.0.2-dev",
+      "process": {"terminal": false, "user": {"uid": 1000, "gid": 1000},
+                  "args": ["sh", "-c", "exit 3"], "env": ["PATH=/bin"], "cwd": "/work"},
+      "root": {"path": "rootfs"},
+      "hostname": "box",
+      "mounts": [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts", "options": ["rbind"]}
+      ],
+      "annotations": {"io.kubernetes.cri.container-type": "container",
+                      "io.kubernetes.cri.sandbox-id": "sb1"},
+      "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}]}
+    }"#;
+
+    fn spec() -> Spec {
+        serde_json::from_str(CONFIG).expect("test spec")
+    }
+
+    #[test]
+    fn the_guest_gets_its_own_root_and_no_host_paths() {
+        let out = to_agent_spec(&spec(), "c1", Path::new("/b")).expect("spec");
+        assert_eq!(
+            out.Root.Path,
+            "/run/kata-containers/shared/containers/c1/rootfs"
+        );
+        let process = out.Process.as_ref().expect("process");
+        assert_eq!(process.Args, vec!["sh", "-c", "exit 3"]);
+        assert_eq!(process.Cwd, "/work");
+        assert_eq!(process.User.UID, 1000);
+        assert_eq!(out.Mounts.len(), 1, "the host bind mount is left out");
+        assert_eq!(out.Mounts[0].destination, "/proc");
+        let namespaces: Vec<_> = out
+            .Linux
+            .Namespaces
+            .iter()
+            .map(|n| (n.Type.as_str(), n.Path.as_str()))
+            .collect();
+        assert_eq!(namespaces, vec![("pid", ""), ("network", "")]);
+    }
+
+    #[test]
+    fn cri_annotations_name_the_sandbox() {
+        assert_eq!(sandbox_of(&spec()).as_deref(), Some("sb1"));
+        let mut plain = spec();
+        plain.set_annotations(None);
+        assert_eq!(sandbox_of(&plain), None);
+    }
+}

@@ -1,0 +1,273 @@
+//! One sandbox: its VM, the agent client, the guest-side sandbox (shared directory mounted), and
+//! the metrics server. Started by the first container's Create, stopped by Shutdown; `delete`
+//! uses [`clean_up_leftovers`] when the shim that owned it is gone.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::config::{self, Config};
+use super::hypervisor::{self, Vm, VmConfig};
+use super::oci::{GUEST_SHARED_DIR, SHARED_TAG};
+use super::rootfs;
+use crate::agent::client::{AgentClient, AgentError};
+use crate::metrics::registry;
+use crate::mgmt::launch::{self, SandboxMetrics};
+use crate::mgmt::server::{remove_sandbox_files, MgmtServer};
+use crate::mgmt::PodIdentity;
+use crate::protocols::agent;
+
+/// How long shutdown waits for the guest to tear its sandbox down before the VM is stopped.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on the other teardown steps, so a stuck one cannot keep the shim alive for ever.
+const STEP_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox {id}: creating {path}: {source}")]
+    Dir {
+        id: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("sandbox {id}: starting the VM: {message}")]
+    Vm { id: String, message: String },
+    #[error("sandbox {id}: the agent refused CreateSandbox: {source}")]
+    CreateSandbox { id: String, source: AgentError },
+}
+
+/// Where a sandbox's host-side directories are.
+#[derive(Debug, Clone)]
+pub struct SandboxDirs {
+    pub run_dir: PathBuf,
+    /// `<run dir>/<id>/shared`: exported to the guest as 9p tag `kataShared`.
+    pub shared: PathBuf,
+    /// `<run dir>/<id>/vm`: QEMU's and the vsock daemon's sockets and pid files.
+    pub vm_state: PathBuf,
+}
+
+impl SandboxDirs {
+    pub fn new(run_dir: &Path, id: &str) -> SandboxDirs {
+        let dir = crate::mgmt::paths::sandbox_dir(run_dir, id);
+        SandboxDirs {
+            run_dir: run_dir.to_path_buf(),
+            shared: dir.join("shared"),
+            vm_state: dir.join("vm"),
+        }
+    }
+}
+
+/// How long bringing the sandbox up took, for logs and benchmarks.
+#[derive(Debug, Clone, Default)]
+pub struct StartTimings {
+    pub vm_ready: Duration,
+    pub create_sandbox: Duration,
+    pub metrics_server: Duration,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub dirs: SandboxDirs,
+    pub agent: Arc<AgentClient>,
+    pub timings: StartTimings,
+    vm: Vm,
+    mgmt: Option<MgmtServer>,
+}
+
+impl Sandbox {
+    /// Boots the VM, has the agent mount the shared directory, and starts the metrics server.
+    /// On failure nothing of the sandbox is left behind.
+    pub async fn start(
+        config: &Config,
+        id: &str,
+        namespace: &str,
+        pod: Option<PodIdentity>,
+    ) -> Result<Sandbox, SandboxError> {
+        let dirs = SandboxDirs::new(&config.run_dir(), id);
+        // The VM creates its own state directory (and refuses one that exists: leftovers).
+        create_private_dir(&dirs.shared).map_err(|source| SandboxError::Dir {
+            id: id.to_string(),
+            path: dirs.shared.clone(),
+            source,
+        })?;
+        let started = Instant::now();
+        let mut vm = match Vm::start(&vm_config(config, &dirs)).await {
+            Ok(vm) => vm,
+            Err(err) => {
+                remove_dirs(&dirs, id);
+                return Err(SandboxError::Vm {
+                    id: id.to_string(),
+                    message: err.to_string(),
+                });
+            }
+        };
+        let vm_ready = started.elapsed();
+        let agent = Arc::new(AgentClient::new(
+            vm.agent_url().clone(),
+            config.agent_timeouts(),
+        ));
+
+        let started = Instant::now();
+        if let Err(source) = create_guest_sandbox(&agent, id).await {
+            if let Err(err) = vm.stop().await {
+                tracing::warn!(sandbox = id, "stopping the VM: {err}");
+            }
+            remove_dirs(&dirs, id);
+            return Err(SandboxError::CreateSandbox {
+                id: id.to_string(),
+                source,
+            });
+        }
+        let create_sandbox = started.elapsed();
+
+        let started = Instant::now();
+        // Metrics are an add-on: a sandbox runs even if its metrics server cannot start.
+        let mgmt = match launch::start(SandboxMetrics {
+            sandbox_id: id.to_string(),
+            namespace: namespace.to_string(),
+            run_dir: dirs.run_dir.clone(),
+            hypervisor_pid: Some(vm.pid()),
+            agent: agent.clone(),
+            agent_text_limits: config.agent_text_limits(),
+            abstract_socket: config.runtime.abstract_socket,
+            pod,
+        })
+        .await
+        {
+            Ok(server) => Some(server),
+            Err(err) => {
+                tracing::error!(sandbox = id, "metrics server not started: {err}");
+                None
+            }
+        };
+        let timings = StartTimings {
+            vm_ready,
+            create_sandbox,
+            metrics_server: started.elapsed(),
+        };
+        tracing::info!(sandbox = id, ?timings, vm = ?vm.timings(), "sandbox is up");
+        Ok(Sandbox {
+            id: id.to_string(),
+            dirs,
+            agent,
+            timings,
+            vm,
+            mgmt,
+        })
+    }
+
+    /// The VMM's pid: what containerd sees as every task's pid.
+    pub fn pid(&self) -> u32 {
+        u32::try_from(self.vm.pid()).unwrap_or_default()
+    }
+
+    /// How long the VM's boot steps took.
+    pub fn boot_timings(&self) -> hypervisor::BootTimings {
+        self.vm.timings()
+    }
+
+    /// Tears the sandbox down: guest sandbox, metrics server, VM, and every file of it.
+    pub async fn stop(mut self) {
+        tracing::info!(sandbox = self.id, "stopping the sandbox");
+        let destroy = agent::DestroySandboxRequest::new();
+        if let Err(err) = self
+            .agent
+            .call(
+                "grpc.DestroySandboxRequest",
+                DESTROY_TIMEOUT,
+                |c, ctx| async move { c.agent.destroy_sandbox(ctx, &destroy).await },
+            )
+            .await
+        {
+            tracing::warn!(sandbox = self.id, "DestroySandbox: {err}");
+        }
+        if let Some(mgmt) = self.mgmt {
+            if tokio::time::timeout(STEP_TIMEOUT, mgmt.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!(sandbox = self.id, "the metrics server did not stop in time");
+            }
+        }
+        registry::unregister_hypervisor();
+        match tokio::time::timeout(STEP_TIMEOUT * 3, self.vm.stop()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(sandbox = self.id, "stopping the VM: {err}"),
+            Err(_) => {
+                tracing::warn!(sandbox = self.id, "the VM did not stop in time; killing it");
+                clean_up_leftovers(&self.dirs.run_dir, &self.id);
+            }
+        }
+        remove_dirs(&self.dirs, &self.id);
+        tracing::info!(sandbox = self.id, "sandbox stopped");
+    }
+}
+
+/// Removes what a sandbox of `id` left when its shim died: VM processes (by their pid files),
+/// container mounts, sockets and directories. Safe to run when nothing is left.
+pub fn clean_up_leftovers(run_dir: &Path, id: &str) {
+    let dirs = SandboxDirs::new(run_dir, id);
+    if let Err(err) = hypervisor::kill_leftovers(&dirs.vm_state) {
+        tracing::warn!(sandbox = id, "killing the VM's leftovers: {err}");
+    }
+    remove_dirs(&dirs, id);
+}
+
+fn remove_dirs(dirs: &SandboxDirs, id: &str) {
+    rootfs::unshare_all(&dirs.shared);
+    if dirs.vm_state.is_dir() {
+        let _ = std::fs::remove_dir_all(&dirs.vm_state);
+    }
+    if let Err(err) = remove_sandbox_files(&dirs.run_dir, id) {
+        tracing::warn!("removing the sandbox's files: {err}");
+    }
+}
+
+async fn create_guest_sandbox(agent: &AgentClient, id: &str) -> Result<(), AgentError> {
+    let req = agent::CreateSandboxRequest {
+        hostname: id.chars().take(63).collect(),
+        sandbox_id: id.to_string(),
+        storages: vec![agent::Storage {
+            driver: "9p".to_string(),
+            source: SHARED_TAG.to_string(),
+            fstype: "9p".to_string(),
+            mount_point: GUEST_SHARED_DIR.to_string(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    agent.create_sandbox(req).await
+}
+
+fn vm_config(config: &Config, dirs: &SandboxDirs) -> VmConfig {
+    let qemu = &config.hypervisor.qemu;
+    VmConfig {
+        qemu_path: qemu.path.clone(),
+        kernel: qemu.kernel.clone(),
+        initrd: qemu.initrd.clone(),
+        memory_mib: qemu.default_memory,
+        vcpus: qemu.default_vcpus,
+        accel: match qemu.accel {
+            config::Accel::Auto => hypervisor::Accel::Auto,
+            config::Accel::Kvm => hypervisor::Accel::Kvm,
+            config::Accel::Tcg => hypervisor::Accel::Tcg,
+        },
+        vsock_daemon: qemu.vsock_daemon.clone(),
+        share_dir: dirs.shared.clone(),
+        state_dir: dirs.vm_state.clone(),
+        boot_timeout: qemu.boot_timeout.0,
+        kernel_params: if qemu.kernel_params.is_empty() {
+            hypervisor::DEFAULT_KERNEL_PARAMS.to_string()
+        } else {
+            qemu.kernel_params.clone()
+        },
+    }
+}
+
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}

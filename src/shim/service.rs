@@ -1,0 +1,187 @@
+//! The shim's entry points for containerd: `start` (spawn or reuse the sandbox's shim), `delete`
+//! (clean up after a shim that is gone), and the serving process's task service.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::util::write_str_to_file;
+use containerd_shim::{
+    socket_address, spawn, Config as ShimConfig, DeleteResponse, Error, ExitSignal, Flags, Shim,
+    StartOpts,
+};
+
+use super::config::Config;
+use super::oci;
+use super::rootfs;
+use super::sandbox;
+use super::task::{shared_dir_of, TaskService};
+
+/// containerd reports a task killed with the shim as SIGKILL'd: 128 + 9.
+const KILLED_EXIT: u32 = 137;
+/// How long `start` waits for the spawned shim's socket to accept connections.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Service {
+    id: String,
+    namespace: String,
+    /// containerd's gRPC address (the shim socket name is derived from it).
+    address: String,
+    bundle: PathBuf,
+    /// The serving process's own ttrpc socket (`unix://...`; empty for start and delete).
+    socket: String,
+    exit: Arc<ExitSignal>,
+}
+
+#[async_trait]
+impl Shim for Service {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
+        // Only the serving process (no action, a socket) has containerd's log FIFO to write to.
+        if args.action.is_empty() && !args.socket.is_empty() {
+            init_fifo_logging(args.debug);
+        }
+        let bundle = if args.bundle.is_empty() {
+            std::env::current_dir().unwrap_or_default()
+        } else {
+            PathBuf::from(&args.bundle)
+        };
+        Service {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            address: args.address.clone(),
+            bundle,
+            socket: args.socket.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        // containerd runs `start` in the bundle.
+        let sandbox_id = oci::load(&self.bundle)
+            .ok()
+            .and_then(|spec| oci::sandbox_of(&spec));
+        if let Some(sandbox_id) = sandbox_id.filter(|sb| *sb != opts.id) {
+            // A container of a running sandbox: its shim serves it (one VM per sandbox).
+            let address = socket_address(&opts.address, &opts.namespace, &sandbox_id);
+            if accepts(&address) {
+                write_str_to_file("address", &address).await?;
+                return Ok(address);
+            }
+            return Err(Error::InvalidArgument(format!(
+                "container {} belongs to sandbox {sandbox_id}, which has no running shim at {address}",
+                opts.id
+            )));
+        }
+        let id = opts.id.clone();
+        let address = spawn(opts, &id, Vec::new()).await?;
+        // The spawned server's stderr goes nowhere: make sure it really serves before answering.
+        let deadline = std::time::Instant::now() + SERVE_TIMEOUT;
+        while !accepts(&address) {
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Other(format!(
+                    "the shim server for {id} did not start serving at {address} (see containerd's log)"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // With this file the crate removes the socket when the server exits.
+        write_str_to_file("address", &address).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let config = Config::load().unwrap_or_else(|err| {
+            eprintln!("containerd-shim-kata-v2 delete: {err}; using the default run directory");
+            Config::default()
+        });
+        let run_dir = config.run_dir();
+        let spec = oci::load(&self.bundle).ok();
+        let sandbox_id = spec
+            .as_ref()
+            .and_then(oci::sandbox_of)
+            .unwrap_or_else(|| self.id.clone());
+        if crate::mgmt::paths::validate_id(&self.id).is_ok()
+            && crate::mgmt::paths::validate_id(&sandbox_id).is_ok()
+        {
+            rootfs::unshare(
+                Some(&self.bundle),
+                &shared_dir_of(&run_dir, &sandbox_id),
+                &self.id,
+            );
+            if sandbox_id == self.id {
+                sandbox::clean_up_leftovers(&run_dir, &self.id);
+                remove_shim_socket(&socket_address(&self.address, &self.namespace, &self.id));
+            }
+        }
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: KILLED_EXIT,
+            exited_at: Some(SystemTime::now().into()).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+        // The crate removes the socket only if the bundle's `address` file still exists, but
+        // containerd removes the bundle while a VM teardown may still be running: unlink it here
+        // (the listener keeps serving until the server stops).
+        if !self.socket.is_empty() {
+            let _ = std::fs::remove_file(socket_path(&self.socket));
+        }
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        let config = Config::load().map_err(|err| err.to_string());
+        if let Err(err) = &config {
+            tracing::error!("{err}");
+        }
+        TaskService::new(
+            self.namespace.clone(),
+            self.id.clone(),
+            config,
+            publisher,
+            self.exit.clone(),
+        )
+    }
+}
+
+/// The filesystem path of a `unix://` shim address.
+fn socket_path(address: &str) -> &Path {
+    Path::new(address.strip_prefix("unix://").unwrap_or(address))
+}
+
+fn accepts(address: &str) -> bool {
+    std::os::unix::net::UnixStream::connect(socket_path(address)).is_ok()
+}
+
+fn remove_shim_socket(address: &str) {
+    let path = socket_path(address);
+    if !accepts(address) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Logs to the `log` FIFO containerd created in the bundle (the serving process's cwd).
+fn init_fifo_logging(debug: bool) {
+    // Read-write: opening never blocks, whether or not containerd reads yet.
+    let Ok(fifo) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("log")
+    else {
+        return;
+    };
+    let level = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(fifo))
+        .try_init();
+}

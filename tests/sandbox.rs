@@ -1,0 +1,549 @@
+//! Real sandboxes under a real containerd: `ctr run --runtime io.containerd.kata.v2` boots a QEMU VM
+//! whose init is our agent, runs busybox in it, serves the guest's metrics, and leaves nothing
+//! behind after delete — also when the shim was killed.
+//!
+//! Needs the guest image (`make guest-image`; set `KSM_GUEST_DIR`, as `make test` does), plus
+//! containerd, QEMU, umoci, busybox-static and promtool (`make deps`). One VM at a time: every test
+//! takes `VM_LOCK`; four VM boots in all.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use support::prom;
+
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+const IMAGE: &str = "docker.io/library/busybox:latest";
+const RUNTIME: &str = "io.containerd.kata.v2";
+/// The guest memory the tests configure (MiB).
+const GUEST_MEMORY_MIB: u64 = 512;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn guest_dir() -> Option<PathBuf> {
+    match std::env::var_os("KSM_GUEST_DIR") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => {
+            eprintln!(
+                "SKIPPED: KSM_GUEST_DIR is not set (build the guest with `make guest-image` and set \
+                 KSM_GUEST_DIR=build/guest, or run `make test`)"
+            );
+            None
+        }
+    }
+}
+
+/// A private containerd (scripts/containerd-env.sh) with the busybox image imported; stopped and
+/// removed on drop.
+struct Containerd {
+    dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    fn start(guest: &Path) -> Containerd {
+        Containerd::start_with(guest, None)
+    }
+
+    /// With `conf`, the shims read that file (`KATA_CONF_FILE`) instead of a generated one.
+    fn start_with(guest: &Path, conf: Option<&Path>) -> Containerd {
+        let dir = tempfile::Builder::new()
+            .prefix("ksm-")
+            .tempdir_in("/tmp")
+            .expect("create a temporary directory in /tmp");
+        let shim = support::bin("containerd-shim-kata-v2");
+        let bin_dir = shim.parent().expect("the shim's directory");
+        let mut start = Command::new(repo().join("scripts/containerd-env.sh"));
+        start
+            .args(["start".as_ref(), dir.path().as_os_str()])
+            .env("KSM_BIN_DIR", bin_dir)
+            .env("KSM_GUEST_DIR", guest)
+            .env("KSM_DEFAULT_MEMORY", GUEST_MEMORY_MIB.to_string())
+            .env_remove("KATA_CONF_FILE")
+            .env_remove("KATA_SANDBOX_RUN_DIR");
+        if let Some(conf) = conf {
+            start.env("KATA_CONF_FILE", conf);
+        }
+        let out = start.output().expect("run scripts/containerd-env.sh");
+        assert!(
+            out.status.success(),
+            "containerd did not start: {}",
+            text(&out)
+        );
+        let env = Containerd { dir };
+        let image = repo().join("build/busybox.tar");
+        let built = Command::new(repo().join("scripts/build-busybox-image.sh"))
+            .arg(&image)
+            .output()
+            .expect("run scripts/build-busybox-image.sh");
+        assert!(built.status.success(), "busybox image: {}", text(&built));
+        let imported = env.ctr(&["images", "import", image.to_str().expect("utf-8 path")]);
+        assert!(
+            imported.status.success(),
+            "ctr images import: {}",
+            text(&imported)
+        );
+        env
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        Command::new(repo().join("scripts/containerd-env.sh"))
+            .arg("ctr")
+            .arg(self.dir.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ctr")
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("c.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/containerd-env.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Pids of processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    let me = std::process::id() as i32;
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if pid != me && cmdline.contains(needle) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// What a sandbox may leave behind: processes, its run directory, sockets naming it.
+fn leftovers(env: &Containerd, id: &str) -> Vec<String> {
+    let mut left: Vec<String> = processes_mentioning(&format!("/{id}/"))
+        .into_iter()
+        .chain(processes_mentioning(&format!("-id {id}")))
+        .map(|(pid, cmd)| format!("process {pid}: {cmd}"))
+        .collect();
+    let dir = env.run_dir().join(id);
+    if dir.exists() {
+        left.push(format!("directory {}", dir.display()));
+    }
+    // Shim sockets (named by a hash, so: any that no one serves, made since this containerd began).
+    let since = std::fs::metadata(env.dir.path().join("config.toml")).and_then(|m| m.modified());
+    for entry in std::fs::read_dir("/run/containerd/s")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let newer = match (&since, entry.metadata().and_then(|m| m.modified())) {
+            (Ok(since), Ok(made)) => made >= *since,
+            _ => false,
+        };
+        if newer && std::os::unix::net::UnixStream::connect(entry.path()).is_err() {
+            left.push(format!("stale shim socket {}", entry.path().display()));
+        }
+    }
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    left.extend(
+        unix.lines()
+            .filter(|l| l.contains(&format!("/{id}/")))
+            .map(|l| format!("socket {l}")),
+    );
+    left
+}
+
+fn assert_clean(env: &Containerd, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = leftovers(env, id);
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "sandbox {id} left behind:\n{}\ncontainerd log:\n{}",
+                left.join("\n"),
+                env.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn run_detached(env: &Containerd, id: &str) -> Duration {
+    let started = Instant::now();
+    let out = env.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "600"]);
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "ctr run -d: {}\ncontainerd log:\n{}",
+        text(&out),
+        env.log()
+    );
+    took
+}
+
+/// The task's pid as `ctr task ls` shows it (the shim reports QEMU's).
+fn task_pid(env: &Containerd, id: &str) -> i32 {
+    let out = env.ctr(&["task", "ls"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some(id)).then(|| words.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("task {id} not in ctr task ls: {}", text(&out)))
+}
+
+fn kill_and_delete(env: &Containerd, id: &str) {
+    let out = env.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    assert!(out.status.success(), "ctr task kill: {}", text(&out));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ls = env.ctr(&["task", "ls"]);
+        let stopped = String::from_utf8_lossy(&ls.stdout)
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("STOPPED"));
+        if stopped {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task {id} did not stop: {}",
+            text(&ls)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = env.ctr(&["task", "delete", id]);
+    assert!(out.status.success(), "ctr task delete: {}", text(&out));
+    let out = env.ctr(&["container", "delete", id]);
+    assert!(out.status.success(), "ctr container delete: {}", text(&out));
+}
+
+/// Waits until `pid` no longer runs (a zombie counts as gone: nothing of it is left but its entry).
+fn assert_gone(pid: i32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+        if state.is_empty() || zombie {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} (pid {pid}) still runs");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    support::proc_field(&format!("/proc/{pid}/status"), "VmRSS")
+}
+
+#[test]
+fn ctr_run_prints_the_output_and_passes_the_exit_status_through() {
+    let Some(guest) = guest_dir() else { return };
+    let _vm = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Containerd::start(&guest);
+
+    let id = support::unique_id("hello");
+    let started = Instant::now();
+    let out = env.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        &id,
+        "echo",
+        "hello",
+    ]);
+    eprintln!("BENCH ctr run --rm echo hello: {:?}", started.elapsed());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\ncontainerd log:\n{}",
+        text(&out),
+        env.log()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello",
+        "{}",
+        text(&out)
+    );
+    assert_clean(&env, &id);
+
+    let id = support::unique_id("exit3");
+    let out = env.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        &id,
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}\ncontainerd log:\n{}",
+        text(&out),
+        env.log()
+    );
+    assert_clean(&env, &id);
+}
+
+/// `kata-runtime metrics <id>`: the body and how long it took.
+fn scrape(env: &Containerd, id: &str) -> (String, Duration) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(support::scrape(&env.run_dir(), id))
+}
+
+#[test]
+fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
+    let Some(guest) = guest_dir() else { return };
+    let _vm = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Containerd::start(&guest);
+    let id = support::unique_id("sleep");
+    let start_time = run_detached(&env, &id);
+
+    let qemu = task_pid(&env, &id);
+    let comm = std::fs::read_to_string(format!("/proc/{qemu}/comm")).unwrap_or_default();
+    assert!(
+        comm.starts_with("qemu"),
+        "task pid {qemu} is {comm:?}, not QEMU"
+    );
+    let threads_before = support::proc_field(&format!("/proc/{qemu}/status"), "Threads");
+    let (body, _) = scrape(&env, &id);
+    let threads_after = support::proc_field(&format!("/proc/{qemu}/status"), "Threads");
+    let samples = prom::samples(&body);
+
+    let mem_total = prom::value(&samples, "kata_guest_meminfo", &[("item", "mem_total")])
+        .unwrap_or_else(|| panic!("no kata_guest_meminfo{{item=\"mem_total\"}} in:\n{body}"));
+    let configured = (GUEST_MEMORY_MIB * 1024 * 1024) as f64;
+    assert!(
+        mem_total >= 0.7 * configured && mem_total <= configured,
+        "guest mem_total {mem_total} is not within 70-100% of the configured {configured} bytes"
+    );
+    let host_total = support::proc_field("/proc/meminfo", "MemTotal") as f64 * 1024.0;
+    assert!(
+        mem_total < host_total / 4.0,
+        "guest mem_total {mem_total} vs host {host_total}"
+    );
+
+    let threads =
+        prom::value(&samples, "kata_hypervisor_threads", &[]).expect("kata_hypervisor_threads");
+    assert!(
+        threads as u64 == threads_before || threads as u64 == threads_after,
+        "kata_hypervisor_threads {threads}, /proc/{qemu}/status says {threads_before}..{threads_after}"
+    );
+    for prefix in ["kata_shim_", "kata_agent_", "kata_guest_netdev_stat"] {
+        assert!(
+            prom::has_prefix(&samples, prefix),
+            "no {prefix}* in:\n{body}"
+        );
+    }
+    assert!(
+        prom::has_prefix(&samples, "kata_shim_rpc_durations_histogram_milliseconds"),
+        "task RPC latencies are missing"
+    );
+    if let Err(report) = support::promtool_check(&body) {
+        panic!("promtool check metrics failed: {report}\n{body}");
+    }
+
+    // Benchmarks: written down, never pass/fail.
+    let mut scrapes: Vec<Duration> = Vec::new();
+    for _ in 0..10 {
+        scrapes.push(scrape(&env, &id).1);
+    }
+    scrapes.sort();
+    let (last, _) = scrape(&env, &id);
+    let last = prom::samples(&last);
+    let agent_rpc = "kata_shim_agent_rpc_durations_histogram_milliseconds";
+    let metrics_call = [("action", "grpc.GetMetricsRequest")];
+    let vsock_ms = match (
+        prom::value(&last, &format!("{agent_rpc}_sum"), &metrics_call),
+        prom::value(&last, &format!("{agent_rpc}_count"), &metrics_call),
+    ) {
+        (Some(sum), Some(count)) if count > 0.0 => sum / count,
+        _ => f64::NAN,
+    };
+    let shim = processes_mentioning(&format!("-id {id}"))
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("containerd-shim-kata-v2"))
+        .map(|(pid, _)| pid)
+        .expect("the shim process");
+    eprintln!(
+        "BENCH sandbox start (ctr run -d): {start_time:?}; shim RSS {} KiB; QEMU RSS {} KiB; \
+         kata-runtime metrics median {:?} (min {:?}); GetMetrics over vsock mean {vsock_ms:.2} ms",
+        rss_kib(shim),
+        rss_kib(qemu),
+        scrapes[scrapes.len() / 2],
+        scrapes[0]
+    );
+    for line in env.log().lines().filter(|l| l.contains("sandbox is up")) {
+        eprintln!("BENCH {line}");
+    }
+
+    // A container that CRI's annotations put into this sandbox runs in the same VM, through the
+    // same shim (no second shim, no second QEMU).
+    let joined = support::unique_id("joined");
+    let sandbox_annotation = format!("io.kubernetes.cri.sandbox-id={id}");
+    let out = env.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        &sandbox_annotation,
+        IMAGE,
+        &joined,
+        "echo",
+        "joined",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\ncontainerd log:\n{}",
+        text(&out),
+        env.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "joined");
+    assert!(
+        processes_mentioning(&format!("-id {joined}")).is_empty(),
+        "a second shim was started for {joined}"
+    );
+    assert!(
+        env.run_dir().join(&id).join("shared").is_dir()
+            && !env
+                .run_dir()
+                .join(&id)
+                .join("shared")
+                .join(&joined)
+                .exists(),
+        "the joined container's rootfs is still shared"
+    );
+    assert_eq!(task_pid(&env, &id), qemu, "the sandbox's VM changed");
+
+    kill_and_delete(&env, &id);
+    assert_gone(qemu, "QEMU");
+    assert_clean(&env, &id);
+}
+
+#[test]
+fn after_kill_9_of_the_shim_delete_leaves_nothing() {
+    let Some(guest) = guest_dir() else { return };
+    let _vm = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Containerd::start(&guest);
+    let id = support::unique_id("crash");
+    run_detached(&env, &id);
+    let qemu = task_pid(&env, &id);
+    let shim = processes_mentioning(&format!("-id {id}"))
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("containerd-shim-kata-v2"))
+        .map(|(pid, _)| pid)
+        .expect("the shim process");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 the shim");
+
+    // containerd notices the dead shim and runs `<shim> delete` itself; run it as containerd does
+    // too, in case containerd has not got to it yet (it must be idempotent).
+    let bundle = env
+        .dir
+        .path()
+        .join("state/io.containerd.runtime.v2.task/default")
+        .join(&id);
+    if bundle.is_dir() {
+        let socket = env.socket();
+        let out = Command::new(support::bin("containerd-shim-kata-v2"))
+            .current_dir(&bundle)
+            .args(["-namespace", "default", "-address"])
+            .arg(&socket)
+            .args(["-publish-binary", "containerd", "-id", &id, "-bundle"])
+            .arg(&bundle)
+            .arg("delete")
+            .env("TTRPC_ADDRESS", format!("{}.ttrpc", socket.display()))
+            .env("KATA_SANDBOX_RUN_DIR", env.run_dir())
+            .env("KATA_CONF_FILE", env.dir.path().join("configuration.toml"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the shim's delete");
+        assert!(out.status.success(), "shim delete: {}", text(&out));
+    }
+    let _ = env.ctr(&["task", "delete", &id]);
+    let out = env.ctr(&["container", "delete", &id]);
+    assert!(out.status.success(), "ctr container delete: {}", text(&out));
+    assert_gone(qemu, "QEMU");
+    assert_gone(shim, "the shim");
+    assert_clean(&env, &id);
+}
+
+#[test]
+fn a_bad_configuration_fails_create_with_the_file_and_the_key() {
+    let Some(guest) = guest_dir() else { return };
+    let _vm = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let conf_dir = tempfile::tempdir().expect("a temporary directory");
+    let conf = conf_dir.path().join("configuration.toml");
+    std::fs::write(&conf, "[hypervisor.qemu]\ndefault_memroy = 256\n").expect("write the config");
+    let env = Containerd::start_with(&guest, Some(&conf));
+    let id = support::unique_id("badconf");
+    let out = env.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, &id, "true"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&conf.display().to_string()) && err.contains("default_memroy"),
+        "the error names neither the file nor the key: {err}"
+    );
+    let _ = env.ctr(&["container", "delete", &id]);
+    assert_clean(&env, &id);
+}
