@@ -210,7 +210,23 @@ fn assert_clean(env: &Containerd, id: &str) {
 
 fn run_detached(env: &Containerd, id: &str) -> Duration {
     let started = Instant::now();
-    let out = env.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "600"]);
+    // The pod annotations CRI would set: the shim serves them to kata-monitor as pod labels.
+    let out = env.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &format!("io.kubernetes.cri.sandbox-name=pod-{id}"),
+        "--annotation",
+        "io.kubernetes.cri.sandbox-namespace=tests",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-uid=0000-1111",
+        IMAGE,
+        id,
+        "sleep",
+        "600",
+    ]);
     let took = started.elapsed();
     assert!(
         out.status.success(),
@@ -429,6 +445,24 @@ fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
     for line in env.log().lines().filter(|l| l.contains("sandbox is up")) {
         eprintln!("BENCH {line}");
     }
+
+    // The pod identity comes from the sandbox's annotations, for kata-monitor's labels.
+    let pod_labels = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(kata_shim_metrics::mgmt::client::get(
+            &kata_shim_metrics::mgmt::paths::SocketAddress::File(
+                env.run_dir().join(&id).join("shim-monitor.sock"),
+            ),
+            "/pod-labels",
+            &kata_shim_metrics::mgmt::client::GetOptions::default(),
+        ))
+        .expect("GET /pod-labels");
+    assert_eq!(
+        String::from_utf8_lossy(&pod_labels.body),
+        format!("cri_uid=0000-1111\ncri_name=pod-{id}\ncri_namespace=tests\n")
+    );
 
     // A container that CRI's annotations put into this sandbox runs in the same VM, through the
     // same shim (no second shim, no second QEMU).
