@@ -26,6 +26,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# The guest image downloads Debian's kernel package: the package lists must know it.
+if ! apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+  echo "refreshing the package lists (needed for the guest kernel download)"
+  apt-get update -qq
+fi
+
 # containerd's Debian package starts a system containerd; the tests start their own and never need it.
 
 if ! command -v vhost-device-vsock >/dev/null 2>&1; then
