@@ -27,7 +27,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # The guest image downloads Debian's kernel package: the package lists must know it.
-if ! apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+kernel_policy=$(apt-cache policy linux-image-amd64 2>/dev/null || true)
+if [[ $kernel_policy != *"Candidate: "[0-9]* ]]; then
   echo "refreshing the package lists (needed for the guest kernel download)"
   apt-get update -qq
 fi
