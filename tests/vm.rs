@@ -96,15 +96,6 @@ fn rss_kib(pid: i32) -> u64 {
     support::proc_field(&format!("/proc/{pid}/status"), "VmRSS")
 }
 
-/// True while this branch still has the placeholder guest collectors (they land from another
-/// branch); then only the agent's reachability can be asserted, not the guest's numbers.
-fn guest_collectors_are_stubs() -> bool {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/metrics/guest.rs");
-    std::fs::read_to_string(source)
-        .map(|text| text.contains("TEMP STUB"))
-        .unwrap_or(false)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
     let Some(guest) = guest_dir() else { return };
@@ -179,38 +170,30 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
         .expect("the agent answers GetMetrics");
     let samples = prom::samples(&text);
 
-    if guest_collectors_are_stubs() {
-        eprintln!(
-            "NOTE: src/metrics/guest.rs is still the placeholder: guest metric assertions skipped \
-             (the agent answered GetMetrics with {} samples)",
-            samples.len()
-        );
-    } else {
-        let vm_bytes = 512.0 * 1024.0 * 1024.0;
-        let mem_total = prom::value(&samples, "kata_guest_meminfo", &[("item", "mem_total")])
-            .expect("kata_guest_meminfo{item=\"mem_total\"} is reported");
-        eprintln!(
-            "guest MemTotal {} KiB ({:.0}% of the VM's memory)",
-            mem_total / 1024.0,
-            100.0 * mem_total / vm_bytes
-        );
-        assert!(
-            mem_total >= 0.7 * vm_bytes && mem_total <= vm_bytes,
-            "guest MemTotal {mem_total} bytes is not 70-100% of the VM's 512 MiB"
-        );
-        let cpus: Vec<&str> = prom::family(&samples, "kata_guest_cpu_time")
-            .iter()
-            .filter_map(|l| l.labels.get("cpu").map(String::as_str))
-            .collect();
-        assert!(cpus.contains(&"0"), "cpu=\"0\" missing: {cpus:?}");
-        assert!(cpus.contains(&"total"), "cpu=\"total\" missing: {cpus:?}");
-        let interfaces: Vec<&str> = prom::family(&samples, "kata_guest_netdev_stat")
-            .iter()
-            .filter_map(|l| l.labels.get("interface").map(String::as_str))
-            .collect();
-        assert!(interfaces.contains(&"eth0"), "eth0 missing: {interfaces:?}");
-        assert!(interfaces.contains(&"lo"), "lo missing: {interfaces:?}");
-    }
+    let vm_bytes = 512.0 * 1024.0 * 1024.0;
+    let mem_total = prom::value(&samples, "kata_guest_meminfo", &[("item", "mem_total")])
+        .expect("kata_guest_meminfo{item=\"mem_total\"} is reported");
+    eprintln!(
+        "guest MemTotal {} KiB ({:.0}% of the VM's memory)",
+        mem_total / 1024.0,
+        100.0 * mem_total / vm_bytes
+    );
+    assert!(
+        mem_total >= 0.7 * vm_bytes && mem_total <= vm_bytes,
+        "guest MemTotal {mem_total} bytes is not 70-100% of the VM's 512 MiB"
+    );
+    let cpus: Vec<&str> = prom::family(&samples, "kata_guest_cpu_time")
+        .iter()
+        .filter_map(|l| l.labels.get("cpu").map(String::as_str))
+        .collect();
+    assert!(cpus.contains(&"0"), "cpu=\"0\" missing: {cpus:?}");
+    assert!(cpus.contains(&"total"), "cpu=\"total\" missing: {cpus:?}");
+    let interfaces: Vec<&str> = prom::family(&samples, "kata_guest_netdev_stat")
+        .iter()
+        .filter_map(|l| l.labels.get("interface").map(String::as_str))
+        .collect();
+    assert!(interfaces.contains(&"eth0"), "eth0 missing: {interfaces:?}");
+    assert!(interfaces.contains(&"lo"), "lo missing: {interfaces:?}");
 
     // The client stays connected, as the shim's would: stopping must not hang on it.
     let stopping = std::time::Instant::now();
