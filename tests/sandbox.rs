@@ -26,19 +26,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn guest_dir() -> Option<PathBuf> {
-    match std::env::var_os("KSM_GUEST_DIR") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => {
-            eprintln!(
-                "SKIPPED: KSM_GUEST_DIR is not set (build the guest with `make guest-image` and set \
-                 KSM_GUEST_DIR=build/guest, or run `make test`)"
-            );
-            None
-        }
-    }
-}
-
 /// A private containerd (scripts/containerd-env.sh) with the busybox image imported; stopped and
 /// removed on drop.
 struct Containerd {
@@ -297,7 +284,9 @@ fn rss_kib(pid: i32) -> u64 {
 
 #[test]
 fn ctr_run_prints_the_output_and_passes_the_exit_status_through() {
-    let Some(guest) = guest_dir() else { return };
+    let Some(guest) = support::guest_dir() else {
+        return;
+    };
     let _vm = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let env = Containerd::start(&guest);
 
@@ -362,7 +351,9 @@ fn scrape(env: &Containerd, id: &str) -> (String, Duration) {
 
 #[test]
 fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
-    let Some(guest) = guest_dir() else { return };
+    let Some(guest) = support::guest_dir() else {
+        return;
+    };
     let _vm = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let env = Containerd::start(&guest);
     let id = support::unique_id("sleep");
@@ -513,7 +504,9 @@ fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
 
 #[test]
 fn after_kill_9_of_the_shim_delete_leaves_nothing() {
-    let Some(guest) = guest_dir() else { return };
+    let Some(guest) = support::guest_dir() else {
+        return;
+    };
     let _vm = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let env = Containerd::start(&guest);
     let id = support::unique_id("crash");
@@ -564,7 +557,9 @@ fn after_kill_9_of_the_shim_delete_leaves_nothing() {
 
 #[test]
 fn a_bad_configuration_fails_create_with_the_file_and_the_key() {
-    let Some(guest) = guest_dir() else { return };
+    let Some(guest) = support::guest_dir() else {
+        return;
+    };
     let _vm = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let conf_dir = tempfile::tempdir().expect("a temporary directory");
     let conf = conf_dir.path().join("configuration.toml");

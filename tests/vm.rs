@@ -19,19 +19,6 @@ use support::prom;
 
 static VM_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn guest_dir() -> Option<PathBuf> {
-    match std::env::var_os("KSM_GUEST_DIR") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => {
-            eprintln!(
-                "SKIPPED: KSM_GUEST_DIR is not set (build the guest with `make guest-image` and set \
-                 KSM_GUEST_DIR=build/guest, or run `make test`)"
-            );
-            None
-        }
-    }
-}
-
 fn vsock_daemon() -> PathBuf {
     if let Some(path) = std::env::var_os("KSM_VSOCK_DAEMON") {
         return PathBuf::from(path);
@@ -98,7 +85,9 @@ fn rss_kib(pid: i32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
-    let Some(guest) = guest_dir() else { return };
+    let Some(guest) = support::guest_dir() else {
+        return;
+    };
     let _one_vm = VM_LOCK.lock().await;
     kata_shim_metrics::logging::init("warn");
     let dir = short_temp_dir();
@@ -224,7 +213,9 @@ fn assert_nothing_left(cfg: &VmConfig) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_that_cannot_boot_fails_clearly_and_leaves_nothing() {
-    let Some(guest) = guest_dir() else { return };
+    let Some(guest) = support::guest_dir() else {
+        return;
+    };
     let _one_vm = VM_LOCK.lock().await;
     let dir = short_temp_dir();
 

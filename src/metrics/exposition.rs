@@ -885,8 +885,13 @@ fn escape_into(s: &str, quote: bool, out: &mut String) {
     }
 }
 
+/// A label value as it goes between the quotes.
+pub fn escape_label_value(value: &str, out: &mut String) {
+    escape_into(value, true, out);
+}
+
 /// Shortest text that parses back to the same value (as Prometheus writes it: `+Inf`, `NaN`...).
-fn write_value(v: f64, out: &mut String) {
+pub fn write_value(v: f64, out: &mut String) {
     if v.is_nan() {
         out.push_str("NaN");
     } else if v.is_infinite() {

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::metrics::exposition::{Family, MetricType, Sample};
+use crate::metrics::exposition::{escape_label_value, write_value, Family, MetricType, Sample};
 use crate::metrics::scrape::HOST_LABELS;
 
 /// Shim families renamed on the way through (the shim serves its own `process_*` unprefixed).
@@ -249,33 +249,6 @@ pub fn host_labels(sandbox_id: &str, pod: &[(&str, &str); 3]) -> String {
         }
     }
     out
-}
-
-pub fn escape_label_value(value: &str, out: &mut String) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-}
-
-/// A sample value as both text formats read it.
-pub fn write_value(value: f64, out: &mut String) {
-    use std::fmt::Write;
-    if value.is_nan() {
-        out.push_str("NaN");
-    } else if value.is_infinite() {
-        out.push_str(if value > 0.0 { "+Inf" } else { "-Inf" });
-    } else if value == value.trunc() && value.abs() < 1e15 {
-        let _ = write!(out, "{}", value as i64);
-    } else if value.abs() >= 1e15 || value.abs() < 1e-4 {
-        let _ = write!(out, "{value:e}");
-    } else {
-        let _ = write!(out, "{value}");
-    }
 }
 
 /// The monitor's own registry as families (no host labels), through the same path as the shims'.

@@ -289,3 +289,17 @@ pub fn promtool_check(text: &str) -> Result<String, String> {
         code => Err(format!("promtool exit {code:?}: {report}")),
     }
 }
+
+/// The guest image the VM tests boot (`KSM_GUEST_DIR`, set by `make test`); None, said aloud, without it.
+pub fn guest_dir() -> Option<PathBuf> {
+    match std::env::var_os("KSM_GUEST_DIR") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => {
+            eprintln!(
+                "SKIPPED: KSM_GUEST_DIR is not set (build the guest with `make guest-image` and set \
+                 KSM_GUEST_DIR=build/guest, or run `make test`)"
+            );
+            None
+        }
+    }
+}
