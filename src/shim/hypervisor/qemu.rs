@@ -248,15 +248,8 @@ impl Vm {
 
         let deadline = Instant::now() + DAEMON_START_TIMEOUT;
         while !vhu.exists() {
-            if let Some(daemon) = self.daemon.as_mut() {
-                if let Ok(Some(status)) = daemon.try_wait() {
-                    return Err(VmError::Exited {
-                        what: "the vsock daemon",
-                        status: status.to_string(),
-                        log_name: DAEMON_LOG,
-                        log_tail: log_tail(&self.state_dir.join(DAEMON_LOG)),
-                    });
-                }
+            if let Some(err) = self.daemon_exited() {
+                return Err(err);
             }
             if Instant::now() >= deadline {
                 return Err(VmError::Timeout {
@@ -270,6 +263,17 @@ impl Vm {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(())
+    }
+
+    /// The vsock daemon's exit, if it has exited (the VM cannot work without it).
+    fn daemon_exited(&mut self) -> Option<VmError> {
+        let status = self.daemon.as_mut()?.try_wait().ok()??;
+        Some(VmError::Exited {
+            what: "the vsock daemon",
+            status: status.to_string(),
+            log_name: DAEMON_LOG,
+            log_tail: log_tail(&self.state_dir.join(DAEMON_LOG)),
+        })
     }
 
     fn start_qemu(&mut self, cfg: &VmConfig, vsock: VsockDevice) -> Result<(), VmError> {
@@ -301,15 +305,8 @@ impl Vm {
                     return Err(self.exited("QEMU", status.to_string()));
                 }
             }
-            if let Some(daemon) = self.daemon.as_mut() {
-                if let Ok(Some(status)) = daemon.try_wait() {
-                    return Err(VmError::Exited {
-                        what: "the vsock daemon",
-                        status: status.to_string(),
-                        log_name: DAEMON_LOG,
-                        log_tail: log_tail(&self.state_dir.join(DAEMON_LOG)),
-                    });
-                }
+            if let Some(err) = self.daemon_exited() {
+                return Err(err);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = Instant::now();
