@@ -1,6 +1,8 @@
-//! One container of the sandbox as the shim tracks it: its bundle, stdio, status, and the exit
-//! that the waiter records once the guest process ended and its output was drained.
+//! One container of the sandbox as the shim tracks it: its bundle and its processes — the init
+//! and those `exec` added — each with its stdio, status, and the exit that the waiter records
+//! once the guest process ended and its output was drained.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -11,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::stdio::StdioPaths;
 use crate::agent::client::AgentClient;
+use crate::protocols::oci as grpc;
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,16 +25,14 @@ pub struct Exit {
 pub struct Container {
     pub id: String,
     pub bundle: PathBuf,
-    pub stdio: StdioPaths,
     /// The pid containerd sees for the task (the VMM's: the guest's pids mean nothing on the host).
     pub pid: u32,
     /// The sandbox's agent, which runs this container.
     pub agent: Arc<AgentClient>,
     /// The sandbox's shared directory, where this container's rootfs is bound.
     pub shared_dir: PathBuf,
-    started: Mutex<bool>,
-    exit_tx: watch::Sender<Option<Exit>>,
-    stdin_copy: Mutex<Option<JoinHandle<()>>>,
+    pub init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
 }
 
 impl Container {
@@ -46,14 +47,63 @@ impl Container {
         Container {
             id,
             bundle,
-            stdio,
             pid,
             agent,
             shared_dir,
+            init: Arc::new(Process::new(String::new(), stdio, None)),
+            execs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The init for an empty exec id (or the container's own id), else an exec'd process.
+    pub fn process(&self, exec_id: &str) -> Option<Arc<Process>> {
+        if exec_id.is_empty() || exec_id == self.id {
+            return Some(self.init.clone());
+        }
+        lock(&self.execs).get(exec_id).cloned()
+    }
+
+    /// Adds an exec'd process; false if one of that id exists.
+    pub fn add_exec(&self, process: Arc<Process>) -> bool {
+        let mut execs = lock(&self.execs);
+        if execs.contains_key(&process.exec_id) {
+            return false;
+        }
+        execs.insert(process.exec_id.clone(), process);
+        true
+    }
+
+    pub fn remove_exec(&self, exec_id: &str) {
+        lock(&self.execs).remove(exec_id);
+    }
+}
+
+/// One process of a container, as containerd knows it.
+pub struct Process {
+    /// Empty for the container's init, else containerd's exec id.
+    pub exec_id: String,
+    pub stdio: StdioPaths,
+    /// What the agent runs for an exec'd process (the init's is in the container's spec).
+    pub spec: Option<grpc::Process>,
+    started: Mutex<bool>,
+    exit_tx: watch::Sender<Option<Exit>>,
+    stdin_copy: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Process {
+    pub fn new(exec_id: String, stdio: StdioPaths, spec: Option<grpc::Process>) -> Process {
+        Process {
+            exec_id,
+            stdio,
+            spec,
             started: Mutex::new(false),
             exit_tx: watch::channel(None).0,
             stdin_copy: Mutex::new(None),
         }
+    }
+
+    pub fn is_init(&self) -> bool {
+        self.exec_id.is_empty()
     }
 
     pub fn status(&self) -> Status {

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
 use crate::protocols::oci as grpc;
 
@@ -32,6 +32,8 @@ pub enum SpecError {
     Load { path: String, message: String },
     #[error("the OCI spec {path} has no process")]
     NoProcess { path: String },
+    #[error("the exec's OCI process: {0}")]
+    ExecProcess(String),
 }
 
 /// Loads `<bundle>/config.json`.
@@ -78,30 +80,13 @@ pub fn to_agent_spec(
         .ok_or_else(|| SpecError::NoProcess {
             path: bundle.join("config.json").display().to_string(),
         })?;
-    let user = process.user();
     let mut out = grpc::Spec {
         Version: spec.version().clone(),
         Hostname: spec.hostname().clone().unwrap_or_default(),
         Annotations: spec.annotations().clone().unwrap_or_default(),
         ..Default::default()
     };
-    out.Process = Some(grpc::Process {
-        Terminal: process.terminal().unwrap_or(false),
-        User: Some(grpc::User {
-            UID: user.uid(),
-            GID: user.gid(),
-            AdditionalGids: user.additional_gids().clone().unwrap_or_default(),
-            Username: user.username().clone().unwrap_or_default(),
-            ..Default::default()
-        })
-        .into(),
-        Args: process.args().clone().unwrap_or_default(),
-        Env: process.env().clone().unwrap_or_default(),
-        Cwd: process.cwd().display().to_string(),
-        NoNewPrivileges: process.no_new_privileges().unwrap_or(false),
-        ..Default::default()
-    })
-    .into();
+    out.Process = Some(to_agent_process(process)).into();
     out.Root = Some(grpc::Root {
         Path: guest_rootfs(container_id),
         Readonly: spec
@@ -161,6 +146,45 @@ pub fn to_agent_spec(
     Ok(out)
 }
 
+/// The agent's view of one OCI process (a container's or an exec'd one).
+pub fn to_agent_process(process: &Process) -> grpc::Process {
+    let user = process.user();
+    grpc::Process {
+        Terminal: process.terminal().unwrap_or(false),
+        ConsoleSize: process
+            .console_size()
+            .map(|size| grpc::Box {
+                Height: u32::try_from(size.height()).unwrap_or(u32::MAX),
+                Width: u32::try_from(size.width()).unwrap_or(u32::MAX),
+                ..Default::default()
+            })
+            .into(),
+        User: Some(grpc::User {
+            UID: user.uid(),
+            GID: user.gid(),
+            AdditionalGids: user.additional_gids().clone().unwrap_or_default(),
+            Username: user.username().clone().unwrap_or_default(),
+            ..Default::default()
+        })
+        .into(),
+        Args: process.args().clone().unwrap_or_default(),
+        Env: process.env().clone().unwrap_or_default(),
+        Cwd: process.cwd().display().to_string(),
+        NoNewPrivileges: process.no_new_privileges().unwrap_or(false),
+        ..Default::default()
+    }
+}
+
+/// The agent's view of the OCI process JSON that containerd sends with an exec.
+pub fn exec_process(json: &[u8]) -> Result<grpc::Process, SpecError> {
+    let process: Process =
+        serde_json::from_slice(json).map_err(|err| SpecError::ExecProcess(err.to_string()))?;
+    if process.args().as_deref().unwrap_or_default().is_empty() {
+        return Err(SpecError::ExecProcess("no args".to_string()));
+    }
+    Ok(to_agent_process(&process))
+}
+
 /// The namespace names of the OCI JSON (`mount`, `network`, ...).
 fn namespace_name(typ: LinuxNamespaceType) -> &'static str {
     match typ {
@@ -218,6 +242,23 @@ mod tests {
             .map(|n| (n.Type.as_str(), n.Path.as_str()))
             .collect();
         assert_eq!(namespaces, vec![("pid", ""), ("network", "")]);
+    }
+
+    #[test]
+    fn an_exec_process_is_parsed_from_containerds_json() {
+        let json = br#"{"terminal": true, "consoleSize": {"height": 40, "width": 120},
+                        "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "exit 5"],
+                        "env": ["PATH=/bin"], "cwd": "/"}"#;
+        let process = exec_process(json).expect("process");
+        assert_eq!(process.Args, vec!["sh", "-c", "exit 5"]);
+        assert!(process.Terminal);
+        assert_eq!(
+            (process.ConsoleSize.Height, process.ConsoleSize.Width),
+            (40, 120)
+        );
+        assert!(exec_process(b"not json").is_err());
+        let no_args = br#"{"user": {"uid": 0, "gid": 0}, "cwd": "/"}"#;
+        assert!(exec_process(no_args).is_err());
     }
 
     #[test]

@@ -32,11 +32,13 @@ pub struct StdioPaths {
     pub terminal: bool,
 }
 
-/// Copies one output stream of `container_id`'s init process to `path` (or discards it, so the
-/// guest process never blocks on a full pipe) until the agent reports EOF or fails.
+/// Copies one output stream of a process of `container_id` (its init for an empty `exec_id`) to
+/// `path` (or discards it, so the guest process never blocks on a full pipe) until the agent
+/// reports EOF or fails.
 pub fn copy_output(
     agent: Arc<AgentClient>,
     container_id: String,
+    exec_id: String,
     stream: OutStream,
     path: String,
 ) -> JoinHandle<()> {
@@ -56,7 +58,7 @@ pub fn copy_output(
             }
         };
         loop {
-            let data = match read_stream(&agent, &container_id, stream).await {
+            let data = match read_stream(&agent, &container_id, &exec_id, stream).await {
                 Ok(data) if data.is_empty() => break,
                 Ok(data) => data,
                 Err(err) => {
@@ -78,11 +80,12 @@ pub fn copy_output(
 async fn read_stream(
     agent: &AgentClient,
     container_id: &str,
+    exec_id: &str,
     stream: OutStream,
 ) -> Result<Vec<u8>, AgentError> {
     match stream {
-        OutStream::Stdout => agent.read_stdout(container_id, "", READ_CHUNK).await,
-        OutStream::Stderr => agent.read_stderr(container_id, "", READ_CHUNK).await,
+        OutStream::Stdout => agent.read_stdout(container_id, exec_id, READ_CHUNK).await,
+        OutStream::Stderr => agent.read_stderr(container_id, exec_id, READ_CHUNK).await,
     }
 }
 
@@ -90,6 +93,7 @@ async fn read_stream(
 pub fn copy_input(
     agent: Arc<AgentClient>,
     container_id: String,
+    exec_id: String,
     path: String,
 ) -> Option<JoinHandle<()>> {
     if path.is_empty() {
@@ -113,14 +117,14 @@ pub fn copy_input(
             };
             // The agent writes all of it (or fails).
             if let Err(err) = agent
-                .write_stdin(&container_id, "", buf[..n].to_vec())
+                .write_stdin(&container_id, &exec_id, buf[..n].to_vec())
                 .await
             {
                 tracing::debug!(container_id, "stdin ends: {err}");
                 return;
             }
         }
-        if let Err(err) = agent.close_stdin(&container_id, "").await {
+        if let Err(err) = agent.close_stdin(&container_id, &exec_id).await {
             tracing::debug!(container_id, "closing stdin: {err}");
         }
     }))

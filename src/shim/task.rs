@@ -2,7 +2,9 @@
 //!
 //! Create boots the sandbox with its first container, later containers of the same sandbox join
 //! it; every RPC's latency goes to `kata_shim_rpc_durations_histogram_milliseconds{action}`.
-//! TaskCreate/Start/Exit/Delete events go to containerd through the crate's publisher.
+//! TaskCreate/Start/Exit/Delete and TaskExecAdded/ExecStarted events go to containerd through the
+//! crate's publisher. `exec` adds a process to a running container: the agent runs it (in the
+//! container's namespaces) at Start; every process RPC takes an `exec_id` to name it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,15 +19,18 @@ use containerd_shim::api::{
     PidsResponse, ResizePtyRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest,
     StateResponse, StatsRequest, StatsResponse, Status, WaitRequest, WaitResponse,
 };
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskIO, TaskStart};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskIO, TaskStart,
+};
 use containerd_shim::protos::topics;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
+use tokio::task::JoinHandle;
 use ttrpc::Code;
 
 use super::config::Config;
-use super::container::{Container, Exit};
+use super::container::{Container, Exit, Process};
 use super::events::{timestamp, Events};
 use super::oci;
 use super::rootfs;
@@ -37,6 +42,8 @@ use crate::protocols::agent;
 
 /// Seconds the agent gives a container's processes to die on RemoveContainer.
 const REMOVE_TIMEOUT_SECS: u32 = 5;
+/// The exit status of a process that could not be started (the shell's "cannot execute").
+const NOT_STARTED_EXIT: u32 = 127;
 
 pub struct TaskService {
     namespace: String,
@@ -68,19 +75,23 @@ impl TaskService {
         }
     }
 
-    fn container(&self, id: &str, exec_id: &str) -> TtrpcResult<Arc<Container>> {
-        if !exec_id.is_empty() && exec_id != id {
-            return Err(error(
-                Code::NOT_FOUND,
-                format!(
-                    "process {exec_id:?} of container {id:?} not found (exec is not supported yet)"
-                ),
-            ));
-        }
+    fn container(&self, id: &str) -> TtrpcResult<Arc<Container>> {
         lock(&self.containers)
             .get(id)
             .cloned()
             .ok_or_else(|| error(Code::NOT_FOUND, format!("container {id:?} not found")))
+    }
+
+    /// The container and its process named by `exec_id` (the init for an empty one).
+    fn process(&self, id: &str, exec_id: &str) -> TtrpcResult<(Arc<Container>, Arc<Process>)> {
+        let container = self.container(id)?;
+        let process = container.process(exec_id).ok_or_else(|| {
+            error(
+                Code::NOT_FOUND,
+                format!("process {exec_id:?} of container {id:?} not found"),
+            )
+        })?;
+        Ok((container, process))
     }
 
     async fn do_create(&self, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
@@ -205,52 +216,37 @@ impl TaskService {
     }
 
     async fn do_start(&self, req: StartRequest) -> TtrpcResult<StartResponse> {
-        let container = self.container(&req.id, &req.exec_id)?;
-        if container.status() != Status::CREATED {
+        let (container, process) = self.process(&req.id, &req.exec_id)?;
+        if process.status() != Status::CREATED {
             return Err(error(
                 Code::FAILED_PRECONDITION,
-                format!("container {:?} was already started", req.id),
+                format!("{} was already started", describe(&container, &process)),
             ));
         }
+        if process.is_init() {
+            self.start_init(container).await
+        } else {
+            self.start_exec(container, process).await
+        }
+    }
+
+    async fn start_init(&self, container: Arc<Container>) -> TtrpcResult<StartResponse> {
         // Output readers first, so nothing the process writes early is lost.
-        let out = stdio::copy_output(
-            container.agent.clone(),
-            req.id.clone(),
-            OutStream::Stdout,
-            container.stdio.stdout.clone(),
-        );
-        let err = stdio::copy_output(
-            container.agent.clone(),
-            req.id.clone(),
-            OutStream::Stderr,
-            container.stdio.stderr.clone(),
-        );
-        if let Err(e) = container.agent.start_container(&req.id).await {
+        let (out, err) = copy_outputs(&container, &container.init);
+        if let Err(e) = container.agent.start_container(&container.id).await {
             out.abort();
             err.abort();
             return Err(error(
                 Code::INTERNAL,
-                format!("starting container {:?} in the VM: {e}", req.id),
+                format!("starting container {:?} in the VM: {e}", container.id),
             ));
         }
-        container.mark_started();
-        container.set_stdin_copy(stdio::copy_input(
-            container.agent.clone(),
-            req.id.clone(),
-            container.stdio.stdin.clone(),
-        ));
-        tokio::spawn(waiter::wait_for_exit(
-            container.clone(),
-            self.events.clone(),
-            out,
-            err,
-        ));
-
+        self.watch(container.clone(), container.init.clone(), out, err);
         self.events
             .publish(
                 topics::TASK_START_EVENT_TOPIC,
                 Box::new(TaskStart {
-                    container_id: req.id,
+                    container_id: container.id.clone(),
                     pid: container.pid,
                     ..Default::default()
                 }),
@@ -262,22 +258,152 @@ impl TaskService {
         })
     }
 
+    /// The agent's ExecProcess both creates and starts the process, so it runs here, at Start.
+    async fn start_exec(
+        &self,
+        container: Arc<Container>,
+        process: Arc<Process>,
+    ) -> TtrpcResult<StartResponse> {
+        let exec = agent::ExecProcessRequest {
+            container_id: container.id.clone(),
+            exec_id: process.exec_id.clone(),
+            process: process.spec.clone().into(),
+            ..Default::default()
+        };
+        if let Err(e) = container.agent.exec_process(exec).await {
+            // Nothing runs and nothing will report an exit: end waits (runc's shim does too).
+            process.set_exit(Exit {
+                status: NOT_STARTED_EXIT,
+                at: SystemTime::now(),
+            });
+            let code = match e.code() {
+                Some(code @ (Code::INVALID_ARGUMENT | Code::FAILED_PRECONDITION)) => code,
+                _ => Code::INTERNAL,
+            };
+            return Err(error(
+                code,
+                format!("starting {}: {e}", describe(&container, &process)),
+            ));
+        }
+        // The agent knows the process only now; its output waits in the guest's pipes.
+        let (out, err) = copy_outputs(&container, &process);
+        self.watch(container.clone(), process.clone(), out, err);
+        self.events
+            .publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(TaskExecStarted {
+                    container_id: container.id.clone(),
+                    exec_id: process.exec_id.clone(),
+                    pid: container.pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        Ok(StartResponse {
+            pid: container.pid,
+            ..Default::default()
+        })
+    }
+
+    /// A started process: copy its stdin, and have a waiter report its exit.
+    fn watch(
+        &self,
+        container: Arc<Container>,
+        process: Arc<Process>,
+        out: JoinHandle<()>,
+        err: JoinHandle<()>,
+    ) {
+        process.mark_started();
+        process.set_stdin_copy(stdio::copy_input(
+            container.agent.clone(),
+            container.id.clone(),
+            process.exec_id.clone(),
+            process.stdio.stdin.clone(),
+        ));
+        tokio::spawn(waiter::wait_for_exit(
+            container,
+            process,
+            self.events.clone(),
+            out,
+            err,
+        ));
+    }
+
+    async fn do_exec(&self, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        let container = self.container(&req.id)?;
+        if req.exec_id.is_empty() || req.exec_id == req.id {
+            return Err(error(
+                Code::INVALID_ARGUMENT,
+                "exec needs an exec id other than the container's",
+            ));
+        }
+        if container.init.status() != Status::RUNNING {
+            return Err(error(
+                Code::FAILED_PRECONDITION,
+                format!("container {:?} is not running", req.id),
+            ));
+        }
+        let json = req.spec.as_ref().map(|any| any.value.as_slice());
+        let mut spec = oci::exec_process(json.unwrap_or_default())
+            .map_err(|err| error(Code::INVALID_ARGUMENT, err.to_string()))?;
+        // The FIFOs containerd made follow the request's terminal flag.
+        spec.Terminal = req.terminal;
+        let stdio = StdioPaths {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            terminal: req.terminal,
+        };
+        let process = Arc::new(Process::new(req.exec_id.clone(), stdio, Some(spec)));
+        if !container.add_exec(process) {
+            return Err(error(
+                Code::ALREADY_EXISTS,
+                format!(
+                    "process {:?} of container {:?} already exists",
+                    req.exec_id, req.id
+                ),
+            ));
+        }
+        self.events
+            .publish(
+                topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+                Box::new(TaskExecAdded {
+                    container_id: req.id,
+                    exec_id: req.exec_id,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        Ok(Empty::new())
+    }
+
     async fn do_delete(&self, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
-        let container = self.container(&req.id, &req.exec_id)?;
-        let exit = match container.status() {
+        let (container, process) = self.process(&req.id, &req.exec_id)?;
+        let exit = match process.status() {
             Status::RUNNING => {
                 return Err(error(
                     Code::FAILED_PRECONDITION,
-                    format!("container {:?} is still running", req.id),
+                    format!("{} is still running", describe(&container, &process)),
                 ))
             }
             // Never started: nothing will report an exit, so the delete does.
-            _ => container.exit().unwrap_or(Exit {
+            _ => process.exit().unwrap_or(Exit {
                 status: 0,
                 at: SystemTime::now(),
             }),
         };
-        container.set_exit(exit);
+        process.set_exit(exit);
+        let deleted = DeleteResponse {
+            pid: container.pid,
+            exit_status: exit.status,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        };
+        if !process.is_init() {
+            // Like runc's shim: an exec's delete only forgets it, and publishes no TaskDelete.
+            container.remove_exec(&process.exec_id);
+            return Ok(deleted);
+        }
         if let Err(err) = container
             .agent
             .remove_container(&req.id, REMOVE_TIMEOUT_SECS)
@@ -302,12 +428,7 @@ impl TaskService {
                 }),
             )
             .await;
-        Ok(DeleteResponse {
-            pid: container.pid,
-            exit_status: exit.status,
-            exited_at: Some(timestamp(exit.at)).into(),
-            ..Default::default()
-        })
+        Ok(deleted)
     }
 
     async fn do_shutdown(&self) -> TtrpcResult<Empty> {
@@ -362,17 +483,17 @@ impl Task for TaskService {
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
         timed("state", async {
-            let c = self.container(&req.id, &req.exec_id)?;
-            let exit = c.exit();
+            let (c, p) = self.process(&req.id, &req.exec_id)?;
+            let exit = p.exit();
             Ok(StateResponse {
                 id: c.id.clone(),
                 bundle: c.bundle.display().to_string(),
                 pid: c.pid,
-                status: c.status().into(),
-                stdin: c.stdio.stdin.clone(),
-                stdout: c.stdio.stdout.clone(),
-                stderr: c.stdio.stderr.clone(),
-                terminal: c.stdio.terminal,
+                status: p.status().into(),
+                stdin: p.stdio.stdin.clone(),
+                stdout: p.stdio.stdout.clone(),
+                stderr: p.stdio.stderr.clone(),
+                terminal: p.stdio.terminal,
                 exit_status: exit.map(|e| e.status).unwrap_or_default(),
                 exited_at: exit.map(|e| timestamp(e.at)).into(),
                 exec_id: req.exec_id,
@@ -384,20 +505,30 @@ impl Task for TaskService {
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
         timed("kill", async {
-            let c = self.container(&req.id, &req.exec_id)?;
-            if c.status() == Status::STOPPED {
-                return Err(error(
-                    Code::NOT_FOUND,
-                    format!("process of container {:?} already finished", req.id),
-                ));
+            let (c, p) = self.process(&req.id, &req.exec_id)?;
+            match p.status() {
+                Status::STOPPED => {
+                    return Err(error(
+                        Code::NOT_FOUND,
+                        format!("{} already finished", describe(&c, &p)),
+                    ))
+                }
+                // The guest has no such process before Start.
+                Status::CREATED if !p.is_init() => {
+                    return Err(error(
+                        Code::FAILED_PRECONDITION,
+                        format!("{} was not started", describe(&c, &p)),
+                    ))
+                }
+                _ => {}
             }
             c.agent
-                .signal_process(&req.id, "", req.signal)
+                .signal_process(&req.id, &p.exec_id, req.signal)
                 .await
                 .map_err(|err| {
                     error(
                         Code::INTERNAL,
-                        format!("signalling container {:?}: {err}", req.id),
+                        format!("signalling {}: {err}", describe(&c, &p)),
                     )
                 })?;
             Ok(Empty::new())
@@ -407,8 +538,8 @@ impl Task for TaskService {
 
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
         timed("wait", async {
-            let c = self.container(&req.id, &req.exec_id)?;
-            let exit = c.wait().await;
+            let (_, p) = self.process(&req.id, &req.exec_id)?;
+            let exit = p.wait().await;
             Ok(WaitResponse {
                 exit_status: exit.status,
                 exited_at: Some(timestamp(exit.at)).into(),
@@ -424,7 +555,7 @@ impl Task for TaskService {
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
         timed("pids", async {
-            let c = self.container(&req.id, "")?;
+            let c = self.container(&req.id)?;
             Ok(PidsResponse {
                 processes: vec![ProcessInfo {
                     pid: c.pid,
@@ -462,7 +593,7 @@ impl Task for TaskService {
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
         timed("stats", async {
-            self.container(&req.id, "")?;
+            self.container(&req.id)?;
             Err(error(
                 Code::UNIMPLEMENTED,
                 "task stats are not supported yet; use kata-runtime metrics",
@@ -473,10 +604,10 @@ impl Task for TaskService {
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
         timed("close_io", async {
-            let c = self.container(&req.id, &req.exec_id)?;
+            let (_, p) = self.process(&req.id, &req.exec_id)?;
             if req.stdin {
                 // Let the copy finish what the FIFO still holds; it closes stdin in the guest at EOF.
-                if let Some(copy) = c.take_stdin_copy() {
+                if let Some(copy) = p.take_stdin_copy() {
                     tokio::spawn(async move {
                         let abort = copy.abort_handle();
                         if tokio::time::timeout(waiter::DRAIN_TIMEOUT, copy)
@@ -495,14 +626,14 @@ impl Task for TaskService {
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
         timed("resize_pty", async {
-            let c = self.container(&req.id, &req.exec_id)?;
+            let (c, p) = self.process(&req.id, &req.exec_id)?;
             c.agent
-                .tty_win_resize(&req.id, "", req.height, req.width)
+                .tty_win_resize(&req.id, &p.exec_id, req.height, req.width)
                 .await
                 .map_err(|err| {
                     error(
                         Code::INTERNAL,
-                        format!("resizing the terminal of {:?}: {err}", req.id),
+                        format!("resizing the terminal of {}: {err}", describe(&c, &p)),
                     )
                 })?;
             Ok(Empty::new())
@@ -510,11 +641,34 @@ impl Task for TaskService {
         .await
     }
 
-    async fn exec(&self, _ctx: &TtrpcContext, _req: ExecProcessRequest) -> TtrpcResult<Empty> {
-        timed("exec", async {
-            Err(error(Code::UNIMPLEMENTED, "exec is not supported yet"))
-        })
-        .await
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        timed("exec", self.do_exec(req)).await
+    }
+}
+
+/// Copies the process's stdout and stderr to containerd's FIFOs.
+fn copy_outputs(container: &Container, process: &Process) -> (JoinHandle<()>, JoinHandle<()>) {
+    let copy = |stream, path: &str| {
+        stdio::copy_output(
+            container.agent.clone(),
+            container.id.clone(),
+            process.exec_id.clone(),
+            stream,
+            path.to_string(),
+        )
+    };
+    (
+        copy(OutStream::Stdout, &process.stdio.stdout),
+        copy(OutStream::Stderr, &process.stdio.stderr),
+    )
+}
+
+/// "container "c1"" or "exec "e1" of container "c1"", for messages.
+fn describe(container: &Container, process: &Process) -> String {
+    if process.is_init() {
+        format!("container {:?}", container.id)
+    } else {
+        format!("exec {:?} of container {:?}", process.exec_id, container.id)
     }
 }
 

@@ -1,5 +1,6 @@
-//! The per-container waiter: waits for the init process in the guest, lets its output drain to
-//! containerd's FIFOs, then records the exit (which ends Wait) and reports TaskExit.
+//! The per-process waiter: waits for a container's init or exec'd process in the guest, lets its
+//! output drain to containerd's FIFOs, then records the exit (which ends Wait) and reports
+//! TaskExit (`id` is the exec id for an exec'd process, the container id for the init).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -8,7 +9,7 @@ use containerd_shim::protos::events::task::TaskExit;
 use containerd_shim::protos::topics;
 use tokio::task::JoinHandle;
 
-use super::container::{Container, Exit};
+use super::container::{Container, Exit, Process};
 use super::events::{timestamp, Events};
 
 /// How long a finished process's output may take to drain before its exit is reported.
@@ -18,14 +19,22 @@ const UNKNOWN_EXIT: u32 = 255;
 
 pub async fn wait_for_exit(
     container: Arc<Container>,
+    process: Arc<Process>,
     events: Arc<Events>,
     out: JoinHandle<()>,
     err: JoinHandle<()>,
 ) {
-    let status = match container.agent.wait_process(&container.id, "").await {
+    let wait = container
+        .agent
+        .wait_process(&container.id, &process.exec_id);
+    let status = match wait.await {
         Ok(status) => u32::try_from(status).unwrap_or(UNKNOWN_EXIT),
         Err(e) => {
-            tracing::warn!(container = container.id, "WaitProcess: {e}");
+            tracing::warn!(
+                container = container.id,
+                exec = process.exec_id,
+                "WaitProcess: {e}"
+            );
             UNKNOWN_EXIT
         }
     };
@@ -36,20 +45,25 @@ pub async fn wait_for_exit(
             abort.abort();
         }
     }
-    container.stop_stdin_copy();
+    process.stop_stdin_copy();
     let exit = Exit {
         status,
         at: SystemTime::now(),
     };
-    if !container.set_exit(exit) {
+    if !process.set_exit(exit) {
         return;
     }
+    let id = if process.is_init() {
+        container.id.clone()
+    } else {
+        process.exec_id.clone()
+    };
     events
         .publish(
             topics::TASK_EXIT_EVENT_TOPIC,
             Box::new(TaskExit {
                 container_id: container.id.clone(),
-                id: container.id.clone(),
+                id,
                 pid: container.pid,
                 exit_status: status,
                 exited_at: Some(timestamp(exit.at)).into(),
