@@ -1,10 +1,11 @@
 //! Real sandboxes under a real containerd: `ctr run --runtime io.containerd.kata.v2` boots a QEMU VM
 //! whose init is our agent, runs busybox in it, serves the guest's metrics, and leaves nothing
-//! behind after delete — also when the shim was killed.
+//! behind after delete — also when the shim was killed or terminated; `ctr task exec` runs more
+//! processes in a running container.
 //!
 //! Needs the guest image (`make guest-image`; set `KSM_GUEST_DIR`, as `make test` does), plus
 //! containerd, QEMU, umoci, busybox-static and promtool (`make deps`). One VM at a time: every test
-//! takes `VM_LOCK`; four VM boots in all.
+//! takes `VM_LOCK`; five VM boots in all.
 
 mod support;
 
@@ -79,13 +80,17 @@ impl Containerd {
     }
 
     fn ctr(&self, args: &[&str]) -> Output {
-        Command::new(repo().join("scripts/containerd-env.sh"))
-            .arg("ctr")
+        self.ctr_command(args).output().expect("run ctr")
+    }
+
+    /// `ctr <args>` against this containerd, stdin from /dev/null.
+    fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut ctr = Command::new(repo().join("scripts/containerd-env.sh"));
+        ctr.arg("ctr")
             .arg(self.dir.path())
             .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run ctr")
+            .stdin(Stdio::null());
+        ctr
     }
 
     fn run_dir(&self) -> PathBuf {
@@ -420,11 +425,7 @@ fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
         (Some(sum), Some(count)) if count > 0.0 => sum / count,
         _ => f64::NAN,
     };
-    let shim = processes_mentioning(&format!("-id {id}"))
-        .into_iter()
-        .find(|(_, cmd)| cmd.contains("containerd-shim-kata-v2"))
-        .map(|(pid, _)| pid)
-        .expect("the shim process");
+    let shim = shim_pid(&id);
     eprintln!(
         "BENCH sandbox start (ctr run -d): {start_time:?}; shim RSS {} KiB; QEMU RSS {} KiB; \
          kata-runtime metrics median {:?} (min {:?}); GetMetrics over vsock mean {vsock_ms:.2} ms",
@@ -454,6 +455,8 @@ fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
         String::from_utf8_lossy(&pod_labels.body),
         format!("cri_uid=0000-1111\ncri_name=pod-{id}\ncri_namespace=tests\n")
     );
+
+    assert_execs_work(&env, &id);
 
     // A container that CRI's annotations put into this sandbox runs in the same VM, through the
     // same shim (no second shim, no second QEMU).
@@ -502,6 +505,127 @@ fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
     assert_clean(&env, &id);
 }
 
+/// `ctr task exec`: output and exit status pass through, kill reaches only the exec'd process,
+/// and a missing program fails clearly; the container's own process keeps running throughout.
+fn assert_execs_work(env: &Containerd, id: &str) {
+    let out = env.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        id,
+        "sh",
+        "-c",
+        "echo from-exec; exit 5",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}\ncontainerd log:\n{}",
+        text(&out),
+        env.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "from-exec");
+
+    let mut sleeper = env
+        .ctr_command(&["task", "exec", "--exec-id", "e2", id, "sleep", "600"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ctr task exec sleep");
+    // The kill succeeds once the exec runs (before: not found, or not started).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let kill = env.ctr(&["task", "kill", "--exec-id", "e2", "-s", "SIGKILL", id]);
+        if kill.status.success() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = sleeper.kill();
+            panic!("ctr task kill --exec-id e2: {}", text(&kill));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = wait_with_timeout(&mut sleeper, Duration::from_secs(30));
+    assert_eq!(
+        status.code(),
+        Some(137),
+        "the killed exec's ctr: {status:?}"
+    );
+
+    let out = env.ctr(&["task", "exec", "--exec-id", "e3", id, "/no/such/program"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/no/such/program"),
+        "the error does not name the program: {}",
+        text(&out)
+    );
+
+    let ls = env.ctr(&["task", "ls"]);
+    assert!(
+        String::from_utf8_lossy(&ls.stdout)
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("RUNNING")),
+        "the container stopped with its execs: {}",
+        text(&ls)
+    );
+}
+
+/// The child's exit status, killing it when it takes longer than `limit`.
+fn wait_with_timeout(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for ctr") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ctr did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn shim_pid(id: &str) -> i32 {
+    processes_mentioning(&format!("-id {id}"))
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("containerd-shim-kata-v2"))
+        .map(|(pid, _)| pid)
+        .expect("the shim process")
+}
+
+#[test]
+fn sigterm_to_the_shim_stops_its_sandbox() {
+    let Some(guest) = support::guest_dir() else {
+        return;
+    };
+    let _vm = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Containerd::start(&guest);
+    let id = support::unique_id("term");
+    run_detached(&env, &id);
+    let qemu = task_pid(&env, &id);
+    let shim = shim_pid(&id);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill -TERM the shim");
+    assert_gone(shim, "the shim");
+    assert_gone(qemu, "QEMU");
+    // The shim's own teardown did it, not the `delete` containerd runs after a shim is gone.
+    let log = env.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("sandbox stopped") && l.contains(&id)),
+        "the shim did not stop its sandbox itself; containerd log:\n{log}"
+    );
+    let _ = env.ctr(&["task", "delete", &id]);
+    let out = env.ctr(&["container", "delete", &id]);
+    assert!(out.status.success(), "ctr container delete: {}", text(&out));
+    assert_clean(&env, &id);
+}
+
 #[test]
 fn after_kill_9_of_the_shim_delete_leaves_nothing() {
     let Some(guest) = support::guest_dir() else {
@@ -512,11 +636,7 @@ fn after_kill_9_of_the_shim_delete_leaves_nothing() {
     let id = support::unique_id("crash");
     run_detached(&env, &id);
     let qemu = task_pid(&env, &id);
-    let shim = processes_mentioning(&format!("-id {id}"))
-        .into_iter()
-        .find(|(_, cmd)| cmd.contains("containerd-shim-kata-v2"))
-        .map(|(pid, _)| pid)
-        .expect("the shim process");
+    let shim = shim_pid(&id);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shim),
         nix::sys::signal::Signal::SIGKILL,

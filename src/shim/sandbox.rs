@@ -203,6 +203,18 @@ impl Sandbox {
     }
 }
 
+/// The shim's one sandbox, shared by the task service (which starts it) and the shim's exit path.
+pub type SandboxSlot = Arc<tokio::sync::Mutex<Option<Sandbox>>>;
+
+/// Stops the slot's sandbox, if any. The lock is held throughout, so a second caller (Shutdown
+/// racing SIGTERM) returns only once the first one's teardown is done.
+pub async fn stop_in(slot: &SandboxSlot) {
+    let mut sandbox = slot.lock().await;
+    if let Some(sandbox) = sandbox.take() {
+        sandbox.stop().await;
+    }
+}
+
 /// Removes what a sandbox of `id` left when its shim died: VM processes (by their pid files),
 /// container mounts, sockets and directories. Safe to run when nothing is left.
 pub fn clean_up_leftovers(run_dir: &Path, id: &str) {

@@ -1,5 +1,6 @@
 //! The shim's entry points for containerd: `start` (spawn or reuse the sandbox's shim), `delete`
-//! (clean up after a shim that is gone), and the serving process's task service.
+//! (clean up after a shim that is gone), and the serving process's task service and exit: on
+//! Shutdown, or on SIGTERM/SIGINT (which the crate itself only logs), it stops its sandbox first.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,8 +17,9 @@ use containerd_shim::{
 use super::config::Config;
 use super::oci;
 use super::rootfs;
-use super::sandbox;
+use super::sandbox::{self, SandboxSlot};
 use super::task::{shared_dir_of, TaskService};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// containerd reports a task killed with the shim as SIGKILL'd: 128 + 9.
 const KILLED_EXIT: u32 = 137;
@@ -33,6 +35,9 @@ pub struct Service {
     /// The serving process's own ttrpc socket (`unix://...`; empty for start and delete).
     socket: String,
     exit: Arc<ExitSignal>,
+    sandbox: SandboxSlot,
+    /// SIGTERM and SIGINT, for the serving process only.
+    terminations: Option<(Signal, Signal)>,
 }
 
 #[async_trait]
@@ -41,9 +46,12 @@ impl Shim for Service {
 
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
         // Only the serving process (no action, a socket) has containerd's log FIFO to write to.
-        if args.action.is_empty() && !args.socket.is_empty() {
+        let serving = args.action.is_empty() && !args.socket.is_empty();
+        if serving {
             init_fifo_logging(args.debug);
         }
+        // Listening from the start: a signal that arrives before `wait` must not be missed.
+        let terminations = if serving { termination_signals() } else { None };
         let bundle = if args.bundle.is_empty() {
             std::env::current_dir().unwrap_or_default()
         } else {
@@ -56,6 +64,8 @@ impl Shim for Service {
             bundle,
             socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
+            sandbox: SandboxSlot::default(),
+            terminations,
         }
     }
 
@@ -126,7 +136,15 @@ impl Shim for Service {
     }
 
     async fn wait(&mut self) {
-        self.exit.wait().await;
+        let exit = self.exit.clone();
+        match self.terminations.as_mut() {
+            Some((term, int)) => tokio::select! {
+                _ = exit.wait() => {}
+                _ = term.recv() => self.terminate("SIGTERM").await,
+                _ = int.recv() => self.terminate("SIGINT").await,
+            },
+            None => exit.wait().await,
+        }
         // The crate removes the socket only if the bundle's `address` file still exists, but
         // containerd removes the bundle while a VM teardown may still be running: unlink it here
         // (the listener keeps serving until the server stops).
@@ -146,7 +164,33 @@ impl Shim for Service {
             config,
             publisher,
             self.exit.clone(),
+            self.sandbox.clone(),
         )
+    }
+}
+
+impl Service {
+    /// Leaves nothing running when asked to quit: the sandbox (VM, vsock daemon, metrics server,
+    /// mounts, run directory) goes first; `wait` then removes the socket.
+    async fn terminate(&self, signal: &str) {
+        tracing::info!(
+            sandbox = self.id,
+            "{signal}: stopping the sandbox and exiting"
+        );
+        sandbox::stop_in(&self.sandbox).await;
+    }
+}
+
+fn termination_signals() -> Option<(Signal, Signal)> {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        (Err(err), _) | (_, Err(err)) => {
+            tracing::error!("cannot listen for SIGTERM/SIGINT: {err}");
+            None
+        }
     }
 }
 

@@ -34,7 +34,7 @@ use super::container::{Container, Exit, Process};
 use super::events::{timestamp, Events};
 use super::oci;
 use super::rootfs;
-use super::sandbox::Sandbox;
+use super::sandbox::{self, Sandbox, SandboxSlot};
 use super::stdio::{self, OutStream, StdioPaths};
 use super::waiter;
 use crate::metrics::registry::SHIM_RPC_DURATIONS;
@@ -52,7 +52,7 @@ pub struct TaskService {
     config: Result<Config, String>,
     events: Arc<Events>,
     exit: Arc<ExitSignal>,
-    sandbox: tokio::sync::Mutex<Option<Sandbox>>,
+    sandbox: SandboxSlot,
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
 
@@ -63,6 +63,7 @@ impl TaskService {
         config: Result<Config, String>,
         publisher: RemotePublisher,
         exit: Arc<ExitSignal>,
+        sandbox: SandboxSlot,
     ) -> TaskService {
         TaskService {
             events: Arc::new(Events::new(publisher, namespace.clone())),
@@ -70,7 +71,7 @@ impl TaskService {
             shim_id,
             config,
             exit,
-            sandbox: tokio::sync::Mutex::new(None),
+            sandbox,
             containers: Mutex::new(HashMap::new()),
         }
     }
@@ -280,9 +281,11 @@ impl TaskService {
                 Some(code @ (Code::INVALID_ARGUMENT | Code::FAILED_PRECONDITION)) => code,
                 _ => Code::INTERNAL,
             };
+            // The agent's own message says what is wrong (e.g. which program is missing).
+            let reason = e.message().map_or_else(|| e.to_string(), str::to_string);
             return Err(error(
                 code,
-                format!("starting {}: {e}", describe(&container, &process)),
+                format!("starting {}: {reason}", describe(&container, &process)),
             ));
         }
         // The agent knows the process only now; its output waits in the guest's pipes.
@@ -438,12 +441,10 @@ impl TaskService {
         }
         // The teardown runs on its own task: ttrpc drops a handler at containerd's deadline (a few
         // seconds), and a teardown cut short would leave the VM running and the shim alive.
-        let sandbox = self.sandbox.lock().await.take();
+        let slot = self.sandbox.clone();
         let exit = self.exit.clone();
         tokio::spawn(async move {
-            if let Some(sandbox) = sandbox {
-                sandbox.stop().await;
-            }
+            sandbox::stop_in(&slot).await;
             exit.signal();
         });
         Ok(Empty::new())
@@ -683,5 +684,5 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The sandbox directory layout this shim would use for `id` (for `delete`).
 pub fn shared_dir_of(run_dir: &Path, sandbox_id: &str) -> PathBuf {
-    super::sandbox::SandboxDirs::new(run_dir, sandbox_id).shared
+    sandbox::SandboxDirs::new(run_dir, sandbox_id).shared
 }
