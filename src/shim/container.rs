@@ -174,3 +174,47 @@ impl Process {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container() -> Container {
+        let url = "unix:///nonexistent/agent.sock".parse().expect("agent url");
+        let agent = Arc::new(AgentClient::new(url, Default::default()));
+        let stdio = StdioPaths::default();
+        Container::new("c1".into(), "/b".into(), stdio, 1, agent, "/s".into())
+    }
+
+    #[test]
+    fn exec_ids_name_processes_and_the_init_is_the_empty_one() {
+        let c = container();
+        assert!(c.process("").is_some_and(|p| p.is_init()));
+        assert!(c.process("c1").is_some_and(|p| p.is_init()));
+        assert!(c.process("e1").is_none());
+        let e1 = Arc::new(Process::new("e1".into(), StdioPaths::default(), None));
+        assert!(c.add_exec(e1.clone()));
+        let again = Arc::new(Process::new("e1".into(), StdioPaths::default(), None));
+        assert!(!c.add_exec(again), "a second e1");
+        assert!(c.process("e1").is_some_and(|p| Arc::ptr_eq(&p, &e1)));
+        c.remove_exec("e1");
+        assert!(c.process("e1").is_none());
+    }
+
+    #[tokio::test]
+    async fn the_first_exit_counts_and_ends_waits() {
+        let p = Arc::new(Process::new("e1".into(), StdioPaths::default(), None));
+        assert_eq!(p.status(), Status::CREATED);
+        p.mark_started();
+        assert_eq!(p.status(), Status::RUNNING);
+        let waiter = tokio::spawn({
+            let p = p.clone();
+            async move { p.wait().await.status }
+        });
+        let at = SystemTime::now();
+        assert!(p.set_exit(Exit { status: 5, at }));
+        assert!(!p.set_exit(Exit { status: 9, at }));
+        assert_eq!(waiter.await.expect("waiter"), 5);
+        assert_eq!(p.status(), Status::STOPPED);
+    }
+}
