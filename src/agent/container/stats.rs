@@ -224,6 +224,15 @@ mod tests {
     }
 
     #[test]
+    fn without_a_cgroup_the_init_is_measured() {
+        let reply = container_stats(None, Pid::this());
+        let stats = reply.cgroup_stats.as_ref().expect("cgroup stats");
+        assert!(stats.memory_stats.usage.usage > 0, "{stats:?}");
+        // The test harness runs this test on a thread of its own: at least two.
+        assert!(stats.pids_stats.current >= 2, "{stats:?}");
+    }
+
+    #[test]
     fn net_dev_without_loopback() {
         let text = "Inter-|   Receive |  Transmit\n face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs drop fifo colls carrier compressed\n    lo: 10 1 0 0 0 0 0 0 10 1 0 0 0 0 0 0\n  eth0: 100 2 3 4 0 0 0 0 200 5 6 7 0 0 0 0\n";
         let stats = parse_net_dev(text);
