@@ -10,8 +10,8 @@ use kata_shim_metrics::agent::client::{AgentClient, AgentError, AgentTimeouts};
 use kata_shim_metrics::protocols::{agent, oci};
 use support::Proc;
 
-const APPLETS: [&str; 10] = [
-    "sh", "echo", "cat", "sleep", "id", "pwd", "hostname", "env", "tty", "true",
+const APPLETS: [&str; 11] = [
+    "sh", "echo", "cat", "sleep", "id", "pwd", "hostname", "env", "tty", "true", "dd",
 ];
 
 struct Sandbox {
@@ -32,6 +32,10 @@ impl Drop for Sandbox {
 
 /// A busybox rootfs and an agent serving it.
 fn sandbox() -> Sandbox {
+    sandbox_with_env(&[])
+}
+
+fn sandbox_with_env(env: &[(&str, &str)]) -> Sandbox {
     let dir = support::temp_dir();
     let rootfs = dir.path().join("rootfs");
     for sub in ["bin", "proc", "dev", "tmp", "etc", "sys"] {
@@ -43,7 +47,7 @@ fn sandbox() -> Sandbox {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
             .expect("symlink applet");
     }
-    let (agent, url) = support::start_agent(dir.path());
+    let (agent, url) = support::start_agent_with_env(dir.path(), env);
     let client = AgentClient::new(
         url.parse().expect("agent url"),
         AgentTimeouts {
@@ -610,4 +614,134 @@ async fn bind_mounts_tmpfs_and_a_read_only_root() {
     assert_eq!(status, 0);
     assert!(!data.join("g").exists());
     assert!(!sb.rootfs.join("tmp/t").exists(), "tmpfs, not the rootfs");
+}
+
+/// A cgroup2 directory for the agent's container cgroups, removed on drop; `None` when the host
+/// has no writable cgroup2 hierarchy (the agent then measures processes).
+struct TestCgroupRoot(PathBuf);
+
+impl TestCgroupRoot {
+    fn create() -> Option<Self> {
+        // Found independently of the agent: the first cgroup2 mount in /proc/self/mounts.
+        let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+        let mount = mounts.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
+        })?;
+        let dir = mount.join(format!("ksm-test-stats-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        Some(TestCgroupRoot(dir))
+    }
+}
+
+impl Drop for TestCgroupRoot {
+    fn drop(&mut self) {
+        // Children first (a failed test may leave the container's).
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for entry in entries.flatten() {
+                if entry.path().is_dir() {
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn cgroup_usage_usec(dir: &Path) -> u64 {
+    let text = std::fs::read_to_string(dir.join("cpu.stat")).expect("read cpu.stat");
+    text.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("usage_usec in cpu.stat")
+}
+
+fn cgroup_lines(dir: &Path, file: &str) -> Vec<String> {
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_else(|e| panic!("read {file}: {e}"))
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_report_the_containers_cpu_memory_and_pids() {
+    let cgroups = TestCgroupRoot::create();
+    let root = cgroups.as_ref().map(|c| c.0.display().to_string());
+    let env: Vec<(&str, &str)> = root
+        .iter()
+        .map(|r| ("KATA_AGENT_CGROUP_ROOT", r.as_str()))
+        .collect();
+    let sb = sandbox_with_env(&env);
+    let err = sb
+        .client
+        .stats_container("nobody")
+        .await
+        .expect_err("unknown container");
+    assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
+
+    let script = "dd if=/dev/zero bs=1M count=200 of=/dev/null 2>/dev/null; echo done; sleep 600";
+    create_and_start(&sb, "busy", spec(&sb.rootfs, &["sh", "-c", script])).await;
+    let mut out = String::new();
+    while !out.contains("done") {
+        let data = within(sb.client.read_stdout("busy", "", 4096))
+            .await
+            .expect("dd finishes in time")
+            .expect("read stdout");
+        assert!(!data.is_empty(), "EOF before dd finished: {out:?}");
+        out.push_str(&String::from_utf8_lossy(&data));
+    }
+
+    let cgroup = cgroups.as_ref().map(|c| c.0.join("busy"));
+    let before = cgroup.as_deref().map(cgroup_usage_usec);
+    let reply = sb.client.stats_container("busy").await.expect("stats");
+    let after = cgroup.as_deref().map(cgroup_usage_usec);
+    let stats = reply.cgroup_stats.as_ref().expect("cgroup stats");
+    let cpu = stats.cpu_stats.cpu_usage.as_ref().expect("cpu usage");
+    assert!(cpu.total_usage > 0, "{cpu:?}");
+    assert!(
+        cpu.usage_in_usermode + cpu.usage_in_kernelmode > 0,
+        "{cpu:?}"
+    );
+    let pids = stats.pids_stats.as_ref().expect("pids stats");
+    assert!(pids.current >= 1, "{pids:?}");
+    let memory = stats.memory_stats.usage.as_ref().expect("memory usage");
+    assert!(memory.usage > 0, "{memory:?}");
+    assert!(
+        reply.network_stats.iter().all(|n| n.name != "lo"),
+        "{:?}",
+        reply.network_stats
+    );
+
+    if let (Some(dir), Some(before), Some(after)) = (&cgroup, before, after) {
+        // The agent read the same cgroup between the test's two reads.
+        assert!(
+            before * 1000 <= cpu.total_usage && cpu.total_usage <= after * 1000,
+            "agent {} ns, cgroup {before}..{after} us",
+            cpu.total_usage
+        );
+        // pids.current counts tasks, as cgroup.threads lists them (busybox sh execs its last
+        // command, so only sleep may be left), and the container's init is one of them.
+        let threads = cgroup_lines(dir, "cgroup.threads");
+        assert_eq!(pids.current, threads.len() as u64, "{threads:?}");
+        assert!(!threads.is_empty(), "{threads:?}");
+        if let Ok(current) = std::fs::read_to_string(dir.join("memory.current")) {
+            let current: u64 = current.trim().parse().expect("memory.current");
+            assert!(memory.usage > 0 && current > 0, "{memory:?} vs {current}");
+        }
+    }
+
+    within(sb.client.remove_container("busy", 10))
+        .await
+        .expect("remove in time")
+        .expect("remove");
+    if let Some(dir) = &cgroup {
+        assert!(!dir.exists(), "the agent removed {}", dir.display());
+    }
+    let err = sb
+        .client
+        .stats_container("busy")
+        .await
+        .expect_err("removed container");
+    assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
 }

@@ -345,6 +345,21 @@ fn ctr_run_prints_the_output_and_passes_the_exit_status_through() {
     assert_clean(&env, &id);
 }
 
+/// The value of the first of `names` in `ctr task metrics`' table (names differ by ctr version).
+fn task_metric(table: &str, names: &[&str]) -> u64 {
+    table
+        .lines()
+        .find_map(|line| {
+            let mut words = line.split_whitespace();
+            let name = words.next()?;
+            names
+                .contains(&name)
+                .then(|| words.next()?.parse().ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("none of {names:?} in ctr task metrics' output:\n{table}"))
+}
+
 /// `kata-runtime metrics <id>`: the body and how long it took.
 fn scrape(env: &Containerd, id: &str) -> (String, Duration) {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -407,6 +422,21 @@ fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
     if let Err(report) = support::promtool_check(&body) {
         panic!("promtool check metrics failed: {report}\n{body}");
     }
+
+    // `ctr task metrics`: the container's own cgroup, measured in the guest and decoded by ctr
+    // as cgroups v2 metrics (a "METRIC VALUE" table).
+    let out = env.ctr(&["task", "metrics", &id]);
+    assert!(
+        out.status.success(),
+        "ctr task metrics: {}\ncontainerd log:\n{}",
+        text(&out),
+        env.log()
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    let memory = task_metric(&table, &["memory.usage", "memory.usage_in_bytes"]);
+    assert!(memory > 0, "memory usage {memory} in:\n{table}");
+    let pids = task_metric(&table, &["pids.current"]);
+    assert!(pids >= 1, "pids.current {pids} in:\n{table}");
 
     // Benchmarks: written down, never pass/fail.
     let mut scrapes: Vec<Duration> = Vec::new();

@@ -182,6 +182,21 @@ impl AgentClient {
         .map(drop)
     }
 
+    /// The container's resource usage measured in the guest (cgroup and network figures).
+    pub async fn stats_container(
+        &self,
+        container_id: &str,
+    ) -> Result<agent::StatsContainerResponse, AgentError> {
+        let mut req = agent::StatsContainerRequest::new();
+        req.container_id = container_id.to_string();
+        self.call(
+            "stats_container",
+            self.timeouts.request,
+            |conn, ctx| async move { conn.agent.stats_container(ctx, &req).await },
+        )
+        .await
+    }
+
     pub async fn exec_process(&self, req: agent::ExecProcessRequest) -> Result<(), AgentError> {
         self.call(
             "exec_process",

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ttrpc::asynchronous::{Server, TtrpcContext};
 
+use super::container::cgroup::CgroupRoot;
 use super::container::{status, stdio, Containers};
 use super::reaper::Reaper;
 use super::url::AgentUrl;
@@ -20,11 +21,12 @@ pub struct AgentService {
 }
 
 impl AgentService {
-    /// `reaper` must be the agent's one reaper (see [`Reaper`]): container processes are its children.
-    pub fn new(reaper: Reaper) -> Result<Self, prometheus::Error> {
+    /// `reaper` must be the agent's one reaper (see [`Reaper`]): container processes are its
+    /// children. `cgroups`: where containers' cgroups go ([`CgroupRoot::detect`]).
+    pub fn new(reaper: Reaper, cgroups: CgroupRoot) -> Result<Self, prometheus::Error> {
         Ok(AgentService {
             metrics: AgentMetrics::new()?,
-            containers: Arc::new(Containers::new(reaper)),
+            containers: Arc::new(Containers::new(reaper, cgroups)),
         })
     }
 
@@ -103,6 +105,14 @@ impl agent_ttrpc::AgentService for AgentService {
             .remove(&req.container_id, timeout)
             .await
             .map(|_| empty())
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::StatsContainerRequest,
+    ) -> ttrpc::Result<agent::StatsContainerResponse> {
+        self.containers.stats(&req.container_id).await
     }
 
     async fn exec_process(

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use clap::Parser;
+use kata_shim_metrics::agent::container::cgroup::CgroupRoot;
 use kata_shim_metrics::agent::container::{self, spawn::INIT_SUBCOMMAND};
 use kata_shim_metrics::agent::guest_init;
 use kata_shim_metrics::agent::reaper::Reaper;
@@ -89,7 +90,7 @@ fn fail(init: bool, what: String) -> ! {
 
 async fn run(args: Args, init: bool) -> Result<(), Box<dyn std::error::Error>> {
     let reaper = Reaper::start()?;
-    let service = AgentService::new(reaper)?;
+    let service = AgentService::new(reaper, CgroupRoot::detect())?;
     let containers = service.containers();
     let mut server = service::serve(&args.listen, service).await?;
     tracing::info!(listen = %args.listen, "agent serving");

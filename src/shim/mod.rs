@@ -9,6 +9,7 @@ pub mod oci;
 pub mod rootfs;
 pub mod sandbox;
 pub mod service;
+pub mod stats;
 pub mod stdio;
 pub mod task;
 pub mod waiter;

@@ -594,11 +594,23 @@ impl Task for TaskService {
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
         timed("stats", async {
-            self.container(&req.id)?;
-            Err(error(
-                Code::UNIMPLEMENTED,
-                "task stats are not supported yet; use kata-runtime metrics",
-            ))
+            let c = self.container(&req.id)?;
+            let reply = c.agent.stats_container(&req.id).await.map_err(|err| {
+                error(
+                    Code::INTERNAL,
+                    format!("reading the stats of {:?}: {err}", req.id),
+                )
+            })?;
+            let any = super::stats::to_any(&reply).map_err(|err| {
+                error(
+                    Code::INTERNAL,
+                    format!("encoding the stats of {:?}: {err}", req.id),
+                )
+            })?;
+            Ok(StatsResponse {
+                stats: Some(any).into(),
+                ..Default::default()
+            })
         })
         .await
     }

@@ -120,10 +120,16 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
 
 /// Starts `kata-agent --listen unix://<dir>/agent.sock` and waits for its socket.
 pub fn start_agent(dir: &Path) -> (Proc, String) {
+    start_agent_with_env(dir, &[])
+}
+
+/// [`start_agent`] with extra environment variables.
+pub fn start_agent_with_env(dir: &Path, env: &[(&str, &str)]) -> (Proc, String) {
     let socket = dir.join("agent.sock");
     let url = format!("unix://{}", socket.display());
     let child = Command::new(bin("kata-agent"))
         .args(["--listen", &url, "--log-level", "warn"])
+        .envs(env.iter().copied())
         .spawn()
         .expect("start kata-agent");
     let proc = Proc {

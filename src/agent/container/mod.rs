@@ -5,7 +5,8 @@
 //! - [`init`]: that init, which builds the container's view and execs the program at start;
 //! - [`stdio`]: pipes or a pty, with blocking reads that return empty data at EOF;
 //! - [`state`]: one process (a container's init or an exec'd one) and its lifecycle;
-//! - [`storage`]: sandbox storages (9p shares).
+//! - [`storage`]: sandbox storages (9p shares);
+//! - [`cgroup`], [`stats`]: a cgroup v2 per container, and StatsContainer's figures.
 //!
 //! What the shim can rely on:
 //! - `OCI.Root.Path` is an absolute path in the guest (e.g. under a 9p share that CreateSandbox
@@ -23,13 +24,17 @@
 //! - WaitProcess: exit code, or 128 + N after signal N; any number of times, before or after exit.
 //! - SignalProcess after the exit succeeds (nothing to signal). An empty exec_id (or the container
 //!   id) names the init; SIGKILL to it ends every process of the container.
+//! - StatsContainer: CPU (ns), memory and pids of the container's cgroup (cpu.stat, memory.*,
+//!   pids.*; from /proc where a controller is missing), and the guest's interfaces but lo.
 //! - NOT_FOUND for unknown containers/processes, ALREADY_EXISTS for duplicates, INVALID_ARGUMENT
 //!   for specs the agent cannot run.
 
+pub mod cgroup;
 pub mod init;
 pub mod spawn;
 pub mod spec;
 pub mod state;
+pub mod stats;
 pub mod stdio;
 pub mod storage;
 
@@ -43,12 +48,15 @@ use ttrpc::Code;
 
 use crate::agent::reaper::Reaper;
 use crate::protocols::agent;
+use cgroup::{Cgroup, CgroupRoot};
 use state::Process;
 
 /// A container: its init (PID 1 of the container) and the processes ExecProcess added.
 pub struct Container {
     pub init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// Every process of the container is in it, when the guest has cgroup2.
+    cgroup: Option<Cgroup>,
 }
 
 impl Container {
@@ -71,12 +79,14 @@ pub struct Containers {
     reaper: Reaper,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     storages: Mutex<Vec<PathBuf>>,
+    cgroups: CgroupRoot,
 }
 
 impl Containers {
-    pub fn new(reaper: Reaper) -> Self {
+    pub fn new(reaper: Reaper, cgroups: CgroupRoot) -> Self {
         Containers {
             reaper,
+            cgroups,
             containers: Mutex::new(HashMap::new()),
             storages: Mutex::new(Vec::new()),
         }
@@ -139,6 +149,13 @@ impl Containers {
             .ok_or_else(|| status(Code::INVALID_ARGUMENT, "ExecProcess without a process"))?;
         let label = format!("process {exec_id:?} of container {id:?}");
         let launched = Process::exec(&self.reaper, label, container.init.pid, process).await?;
+        if let Some(cgroup) = &container.cgroup {
+            // Started already: it joins the cgroup before it forks anything in practice, and a
+            // straggler would only be missing from the stats.
+            if let Err(err) = cgroup.add(launched.pid) {
+                tracing::warn!(%id, %exec_id, %err, "cannot move the process into the cgroup");
+            }
+        }
         let mut execs = container.execs();
         if execs.contains_key(&exec_id) {
             drop(execs);
@@ -205,9 +222,21 @@ impl Containers {
             )
         })?;
         let init = Process::create_init(&self.reaper, format!("container {id:?}"), spec).await?;
+        // The init waits for StartContainer now: moved in before it execs, everything the
+        // program starts is in the cgroup.
+        let cgroup = self
+            .cgroups
+            .create(&id)
+            .and_then(|cgroup| match cgroup.add(init.pid) {
+                Ok(()) => Some(cgroup),
+                Err(err) => {
+                    tracing::warn!(%id, %err, "cannot move the container's init into its cgroup");
+                    None
+                }
+            });
         let mut map = self.map();
         if map.contains_key(&id) {
-            // Lost a race with a concurrent create of the same id.
+            // Lost a race with a concurrent create of the same id (whose cgroup this is too).
             drop(map);
             init.kill(&self.reaper, Signal::SIGKILL);
             return Err(already_exists(&id));
@@ -215,6 +244,7 @@ impl Containers {
         let container = Container {
             init: Arc::new(init),
             execs: Mutex::new(HashMap::new()),
+            cgroup,
         };
         map.insert(id, Arc::new(container));
         Ok(())
@@ -240,7 +270,8 @@ impl Containers {
     /// exec'd processes too), waits up to `timeout` (zero: no bound) for the init to be reaped,
     /// and forgets the container.
     pub async fn remove(&self, id: &str, timeout: Duration) -> RpcResult<()> {
-        let init = self.get(id)?.init.clone();
+        let container = self.get(id)?;
+        let init = container.init.clone();
         init.kill(&self.reaper, Signal::SIGKILL);
         let wait = init.wait();
         if timeout.is_zero() {
@@ -252,7 +283,21 @@ impl Containers {
             ));
         }
         self.map().remove(id);
+        if let Some(cgroup) = &container.cgroup {
+            cgroup.remove().await;
+        }
         Ok(())
+    }
+
+    /// The container's resource usage (see the module docs).
+    pub async fn stats(&self, id: &str) -> RpcResult<agent::StatsContainerResponse> {
+        let container = self.get(id)?;
+        let pid = container.init.pid;
+        tokio::task::spawn_blocking(move || {
+            stats::container_stats(container.cgroup.as_ref().map(Cgroup::path), pid)
+        })
+        .await
+        .map_err(|e| status(Code::INTERNAL, format!("reading the stats of {id:?}: {e}")))
     }
 }
 
