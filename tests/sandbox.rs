@@ -283,6 +283,10 @@ fn assert_gone(pid: i32, what: &str) {
     }
 }
 
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn rss_kib(pid: i32) -> u64 {
     support::proc_field(&format!("/proc/{pid}/status"), "VmRSS")
 }
@@ -467,6 +471,27 @@ fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
     for line in env.log().lines().filter(|l| l.contains("sandbox is up")) {
         eprintln!("BENCH {line}");
     }
+
+    // Pod overhead after several scrapes: the host memory of shim + QEMU beyond what the guest
+    // uses, bounded by those processes' RSS read here; CPU overhead is a non-negative percentage.
+    let overhead_memory = prom::value(&last, "kata_shim_pod_overhead_memory_in_bytes", &[])
+        .expect("kata_shim_pod_overhead_memory_in_bytes after a scrape with guest figures");
+    let host_rss = ((rss_kib(shim) + rss_kib(qemu)) * 1024) as f64;
+    assert!(
+        overhead_memory > 0.0 && overhead_memory <= host_rss * 1.1,
+        "memory overhead {overhead_memory} vs shim + QEMU RSS {host_rss}"
+    );
+    let overhead_cpu = prom::value(&last, "kata_shim_pod_overhead_cpu", &[])
+        .expect("kata_shim_pod_overhead_cpu after two scrapes");
+    eprintln!(
+        "BENCH pod overhead: memory {:.0} MiB of shim + QEMU RSS {:.0} MiB; CPU {overhead_cpu:.1}%",
+        overhead_memory / 1048576.0,
+        host_rss / 1048576.0
+    );
+    assert!(
+        (0.0..=100.0 * num_cpus() as f64).contains(&overhead_cpu),
+        "CPU overhead {overhead_cpu}%"
+    );
 
     // The pod identity comes from the sandbox's annotations, for kata-monitor's labels.
     let pod_labels = tokio::runtime::Builder::new_current_thread()

@@ -66,7 +66,7 @@ pub struct Sample {
 }
 
 impl Sample {
-    fn label(&self, name: &str) -> Option<&str> {
+    pub fn label(&self, name: &str) -> Option<&str> {
         self.labels
             .iter()
             .find(|(k, _)| k == name)

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod exposition;
 pub mod family;
 pub mod guest;
+pub mod overhead;
 pub mod process;
 pub mod registry;
 pub mod scrape;

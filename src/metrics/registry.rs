@@ -11,6 +11,7 @@ use prometheus::{
     Registry,
 };
 
+use super::overhead::PodOverhead;
 use super::process::{ProcessCollector, ProcessCollectorOptions, Target};
 
 /// Kata's buckets for its millisecond histograms: 1, 2, 4, ... 512 ms.
@@ -79,6 +80,9 @@ lazy_static! {
         counter
     };
 
+    /// The sandbox's cost beyond its guest, updated by each scrape (see [`super::overhead`]).
+    pub static ref POD_OVERHEAD: PodOverhead = PodOverhead::new().expect("static gauge definitions");
+
     /// The pid whose hypervisor collector is registered, so a new VM replaces the old one.
     static ref HYPERVISOR_PID: Mutex<Option<i32>> = Mutex::new(None);
 }
@@ -95,6 +99,7 @@ pub fn register_shim_collectors() -> Result<(), prometheus::Error> {
     register_or_keep(Box::new(
         prometheus::process_collector::ProcessCollector::for_self(),
     ))?;
+    register_or_keep(Box::new(PodOverheadCollector))?;
     lazy_static::initialize(&AGENT_RPC_DURATIONS);
     lazy_static::initialize(&SHIM_RPC_DURATIONS);
     lazy_static::initialize(&AGENT_METRICS_UP);
@@ -115,6 +120,13 @@ pub fn register_hypervisor(pid: i32) -> Result<(), prometheus::Error> {
     REGISTRY.register(hypervisor_collector(pid)?)?;
     *current = Some(pid);
     Ok(())
+}
+
+/// The hypervisor pid the `kata_hypervisor_*` families watch, if any.
+pub fn hypervisor_pid() -> Option<i32> {
+    *HYPERVISOR_PID
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Removes the hypervisor families (the VM is gone).
@@ -139,6 +151,19 @@ fn hypervisor_collector(
         "kata_hypervisor",
         ProcessCollectorOptions::hypervisor(),
     )?))
+}
+
+/// The registry owns its collectors; this one hands it the shared [`POD_OVERHEAD`].
+struct PodOverheadCollector;
+
+impl prometheus::core::Collector for PodOverheadCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        POD_OVERHEAD.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        POD_OVERHEAD.collect()
+    }
 }
 
 fn register_or_keep(

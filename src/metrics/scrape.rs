@@ -10,7 +10,10 @@ use std::sync::Arc;
 use prometheus::{Encoder, TextEncoder};
 
 use super::exposition::{self, Dropped, ExpositionError, Family, Limits};
-use super::registry::{AGENT_FAMILIES_DROPPED, AGENT_METRICS_ERRORS, AGENT_METRICS_UP, REGISTRY};
+use super::overhead::GuestUsage;
+use super::registry::{
+    self, AGENT_FAMILIES_DROPPED, AGENT_METRICS_ERRORS, AGENT_METRICS_UP, POD_OVERHEAD, REGISTRY,
+};
 use crate::agent::client::AgentClient;
 
 /// Labels only the host may set: kata-monitor adds them per sandbox.
@@ -79,6 +82,10 @@ impl ShimScraper {
             AGENT_METRICS_UP.set(0);
         }
 
+        POD_OVERHEAD.update(
+            GuestUsage::from_families(&agent_families),
+            registry::hypervisor_pid(),
+        );
         let host = REGISTRY.gather();
         let host_names: HashSet<&str> = host.iter().map(|mf| mf.name()).collect();
         let (agent_families, collisions): (Vec<Family>, Vec<Family>) = agent_families
