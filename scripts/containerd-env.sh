@@ -91,6 +91,19 @@ start)
     die "containerd did not come up at $socket"
     ;;
 stop)
+    # Our shims (and their VMs) outlive containerd: stop them first. A shim stops its sandbox on
+    # SIGTERM; this matters when a test or the demo failed half-way.
+    shims=$(pgrep -f -- "containerd-shim-kata-v2 .*-address $socket( |\$)" || true)
+    if [[ -n $shims ]]; then
+        # shellcheck disable=SC2086 # one pid per word
+        kill $shims 2>/dev/null || true
+        for _ in $(seq 100); do
+            alive=no
+            for pid in $shims; do kill -0 "$pid" 2>/dev/null && alive=yes; done
+            [[ $alive == yes ]] || break
+            sleep 0.1
+        done
+    fi
     if running; then
         pid=$(cat "$dir/containerd.pid")
         kill "$pid"
