@@ -347,6 +347,32 @@ fn ctr_run_prints_the_output_and_passes_the_exit_status_through() {
         env.log()
     );
     assert_clean(&env, &id);
+
+    // A terminal container (`ctr run -t`): ctr needs a terminal of its own, which script(1) gives it.
+    let id = support::unique_id("tty");
+    let ctr = format!(
+        "{} ctr {} run -t --rm --runtime {RUNTIME} {IMAGE} {id} sh -c 'tty; exit 4'",
+        repo().join("scripts/containerd-env.sh").display(),
+        env.dir.path().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &ctr, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script(1)");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}\ncontainerd log:\n{}",
+        text(&out),
+        env.log()
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("/dev/pts/"),
+        "the process has a terminal: {shown:?}"
+    );
+    assert_clean(&env, &id);
 }
 
 /// The value of the first of `names` in `ctr task metrics`' table (names differ by ctr version).
