@@ -11,7 +11,7 @@ packages=(
   busybox-static umoci       # the offline busybox image
   prometheus                 # promtool, and a real Prometheus for scrape tests
   cpio xz-utils zstd kmod    # guest initramfs: archive, module decompression, modinfo
-  util-linux iproute2 procps # setpriv, unshare, ip, ps in tests
+  util-linux bsdutils iproute2 procps # setpriv, unshare, script, ip, ps in tests
   python3 ca-certificates   # python3: the guest image script extracts vmlinux
 )
 
