@@ -72,20 +72,7 @@ pub fn spawn_init(reaper: &Reaper, config: &[u8], stdio: ChildStdio) -> io::Resu
     let child = Box::new(move || -> isize {
         // SAFETY: only async-signal-safe calls on fds and pointers prepared before the clone.
         unsafe {
-            // First move every source above the targets, so no dup2 clobbers a later source.
-            let mut high = [-1; 6];
-            for (slot, fd) in high.iter_mut().zip(sources) {
-                *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 6);
-                if *slot < 0 {
-                    fail(status_raw);
-                }
-            }
-            for (target, fd) in high.iter().enumerate() {
-                // dup2 leaves the target without close-on-exec.
-                if libc::dup2(*fd, target as i32) < 0 {
-                    fail(status_raw);
-                }
-            }
+            install_fds(sources, status_raw);
             libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
             fail(FD_STATUS)
         }
@@ -180,18 +167,7 @@ pub fn spawn_exec(
     let helper = Box::new(move || -> isize {
         // SAFETY: only async-signal-safe calls on fds and pointers prepared before the clone.
         unsafe {
-            let mut high = [-1; 7];
-            for (slot, fd) in high.iter_mut().zip(sources) {
-                *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 7);
-                if *slot < 0 {
-                    fail(status_raw);
-                }
-            }
-            for (target, fd) in high.iter().enumerate() {
-                if libc::dup2(*fd, target as i32) < 0 {
-                    fail(status_raw);
-                }
-            }
+            install_fds(sources, status_raw);
             for fd in ns_fds {
                 if libc::setns(fd, 0) < 0 {
                     fail_with(FD_STATUS, b"Ecannot join the container's namespaces");
@@ -245,6 +221,27 @@ pub fn spawn_exec(
         start: start_w,
         status: status_r,
     })
+}
+
+/// Makes `sources[i]` the child's fd `i` (without close-on-exec), in the cloned child.
+unsafe fn install_fds<const N: usize>(sources: [i32; N], status_fd: i32) {
+    // SAFETY: fcntl and dup2 are async-signal-safe; the array lives on the child's stack.
+    unsafe {
+        // First move every source above the targets, so no dup2 clobbers a later source.
+        let mut high = [-1; N];
+        for (slot, fd) in high.iter_mut().zip(sources) {
+            *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, N as i32);
+            if *slot < 0 {
+                fail(status_fd);
+            }
+        }
+        for (target, fd) in high.iter().enumerate() {
+            // dup2 leaves the target without close-on-exec.
+            if libc::dup2(*fd, target as i32) < 0 {
+                fail(status_fd);
+            }
+        }
+    }
 }
 
 /// Reports a failed step on the status pipe and exits, in the cloned child.
