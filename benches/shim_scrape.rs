@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kata_shim_metrics::metrics::registry::{
-    register_hypervisor, register_shim_collectors, REGISTRY,
-};
 use kata_shim_metrics::mgmt::client::{get, GetOptions, DEFAULT_MAX_BODY};
 use kata_shim_metrics::mgmt::paths::SocketAddress;
+use kata_shim_metrics::shim::metrics::registry::{
+    register_hypervisor, register_shim_collectors, REGISTRY,
+};
 use prometheus::{Encoder, TextEncoder};
 
 const SCRAPES: usize = 1000;

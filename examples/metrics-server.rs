@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use kata_shim_metrics::agent::client::{AgentClient, AgentTimeouts};
 use kata_shim_metrics::agent::url::AgentUrl;
+use kata_shim_metrics::agent_client::{AgentClient, AgentTimeouts};
 use kata_shim_metrics::metrics::exposition::Limits;
-use kata_shim_metrics::mgmt::{self, launch, paths};
+use kata_shim_metrics::mgmt::{self, paths};
+use kata_shim_metrics::shim::metrics::{launch, registry};
 
 #[derive(Parser)]
 struct Args {
@@ -68,7 +69,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         namespace: args.namespace,
         run_dir: args.run_dir.unwrap_or_else(|| paths::run_dir(None)),
         hypervisor_pid: args.hypervisor_pid,
-        agent: Arc::new(AgentClient::new(args.agent_url, timeouts)),
+        agent: Arc::new(
+            AgentClient::new(args.agent_url, timeouts)
+                .with_durations(Some(registry::agent_rpc_durations())),
+        ),
         agent_text_limits: limits,
         abstract_socket: !args.no_abstract,
         pod: mgmt::pod_identity_from_annotations(&args.annotations.into_iter().collect()),

@@ -6,7 +6,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kata_shim_metrics::agent::client::{AgentClient, AgentError, AgentTimeouts};
+use kata_shim_metrics::agent_client::{AgentClient, AgentError, AgentTimeouts};
 use kata_shim_metrics::protocols::{agent, oci};
 use support::Proc;
 
@@ -119,26 +119,14 @@ async fn create_and_start(sb: &Sandbox, id: &str, spec: oci::Spec) {
         .await
         .unwrap_or_else(|e| panic!("create {id}: {e}"));
     sb.client
-        .start_container(id)
+        .start_container(agent::StartContainerRequest::of(id))
         .await
         .unwrap_or_else(|e| panic!("start {id}: {e}"));
 }
 
 /// Reads a stream to EOF (an empty read).
 async fn read_to_eof(client: &AgentClient, id: &str, stderr: bool) -> String {
-    let mut out = Vec::new();
-    loop {
-        let data = if stderr {
-            client.read_stderr(id, "", 4096).await
-        } else {
-            client.read_stdout(id, "", 4096).await
-        }
-        .expect("read stream");
-        if data.is_empty() {
-            return String::from_utf8_lossy(&out).into_owned();
-        }
-        out.extend(data);
-    }
+    read_exec_to_eof(client, id, "", stderr).await
 }
 
 /// Runs a container to completion: (stdout, stderr, exit status).
@@ -148,7 +136,12 @@ async fn run(sb: &Sandbox, id: &str, spec: oci::Spec) -> (String, String, i32) {
         read_to_eof(&sb.client, id, false),
         read_to_eof(&sb.client, id, true)
     );
-    let status = sb.client.wait_process(id, "").await.expect("wait");
+    let status = sb
+        .client
+        .wait_process(agent::WaitProcessRequest::of(id, ""))
+        .await
+        .expect("wait")
+        .status;
     (out, err, status)
 }
 
@@ -178,12 +171,17 @@ async fn echo_prints_to_stdout_then_eof_and_status_zero() {
     // EOF stays EOF; waiting again gives the same status.
     assert!(sb
         .client
-        .read_stdout("echo", "", 10)
+        .read_stdout(agent::ReadStreamRequest::of("echo", "", 10))
         .await
         .expect("read")
+        .data
         .is_empty());
     assert_eq!(
-        sb.client.wait_process("echo", "echo").await.expect("wait"),
+        sb.client
+            .wait_process(agent::WaitProcessRequest::of("echo", "echo"))
+            .await
+            .expect("wait")
+            .status,
         0
     );
 }
@@ -199,7 +197,14 @@ async fn exit_code_is_passed_through() {
     .await;
     assert_eq!(err, "oops\n");
     assert_eq!(status, 3);
-    assert_eq!(sb.client.wait_process("exit3", "").await.expect("wait"), 3);
+    assert_eq!(
+        sb.client
+            .wait_process(agent::WaitProcessRequest::of("exit3", ""))
+            .await
+            .expect("wait")
+            .status,
+        3
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -207,21 +212,29 @@ async fn sigkill_gives_137_while_other_calls_block_on_the_same_connection() {
     let sb = sandbox();
     create_and_start(&sb, "sleeper", spec(&sb.rootfs, &["sleep", "600"])).await;
     // A blocked wait and a blocked read must not stall the signal on the same connection.
-    let waiting = sb.client.wait_process("sleeper", "");
-    let reading = sb.client.read_stdout("sleeper", "", 100);
+    let waiting = sb
+        .client
+        .wait_process(agent::WaitProcessRequest::of("sleeper", ""));
+    let reading = sb
+        .client
+        .read_stdout(agent::ReadStreamRequest::of("sleeper", "", 100));
     let signalling = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        sb.client.signal_process("sleeper", "", 9).await
+        // Calls go out in order on the one connection: once a health check sent after the wait
+        // and the read is answered, the agent holds both, blocked.
+        sb.client.serving().await.expect("health check");
+        sb.client
+            .signal_process(agent::SignalProcessRequest::of("sleeper", "", 9))
+            .await
     };
     let (status, data, signalled) = within(async { tokio::join!(waiting, reading, signalling) })
         .await
         .expect("calls finished");
     signalled.expect("signal");
-    assert_eq!(status.expect("wait"), 137);
-    assert!(data.expect("read").is_empty(), "stdout at EOF");
+    assert_eq!(status.expect("wait").status, 137);
+    assert!(data.expect("read").data.is_empty(), "stdout at EOF");
     // Signalling an exited process is not an error.
     sb.client
-        .signal_process("sleeper", "", 15)
+        .signal_process(agent::SignalProcessRequest::of("sleeper", "", 15))
         .await
         .expect("signal after exit");
 }
@@ -232,26 +245,41 @@ async fn stdin_round_trip_then_close_gives_eof() {
     create_and_start(&sb, "cat", spec(&sb.rootfs, &["cat"])).await;
     let written = sb
         .client
-        .write_stdin("cat", "", b"ping\n".to_vec())
+        .write_stdin(agent::WriteStreamRequest::of("cat", "", b"ping\n".to_vec()))
         .await
-        .expect("write");
+        .expect("write")
+        .len;
     assert_eq!(written, 5);
     let mut echoed = Vec::new();
     while echoed.len() < 5 {
-        let data = within(sb.client.read_stdout("cat", "", 100))
-            .await
-            .expect("echo in time")
-            .expect("read");
+        let data = within(
+            sb.client
+                .read_stdout(agent::ReadStreamRequest::of("cat", "", 100)),
+        )
+        .await
+        .expect("echo in time")
+        .expect("read")
+        .data;
         assert!(!data.is_empty(), "EOF before the echo");
         echoed.extend(data);
     }
     assert_eq!(echoed, b"ping\n");
-    sb.client.close_stdin("cat", "").await.expect("close stdin");
+    sb.client
+        .close_stdin(agent::CloseStdinRequest::of("cat", ""))
+        .await
+        .expect("close stdin");
     assert_eq!(read_to_eof(&sb.client, "cat", false).await, "");
-    assert_eq!(sb.client.wait_process("cat", "").await.expect("wait"), 0);
+    assert_eq!(
+        sb.client
+            .wait_process(agent::WaitProcessRequest::of("cat", ""))
+            .await
+            .expect("wait")
+            .status,
+        0
+    );
     let err = sb
         .client
-        .write_stdin("cat", "", b"late".to_vec())
+        .write_stdin(agent::WriteStreamRequest::of("cat", "", b"late".to_vec()))
         .await
         .expect_err("stdin is closed");
     assert_eq!(code(&err), ttrpc::Code::FAILED_PRECONDITION);
@@ -340,7 +368,7 @@ async fn a_missing_program_fails_create_and_an_unrunnable_one_fails_start() {
         .expect("create");
     let err = sb
         .client
-        .start_container("garbage")
+        .start_container(agent::StartContainerRequest::of("garbage"))
         .await
         .expect_err("exec fails");
     assert_eq!(code(&err), ttrpc::Code::FAILED_PRECONDITION);
@@ -350,7 +378,11 @@ async fn a_missing_program_fails_create_and_an_unrunnable_one_fails_start() {
     );
     // The failed init is reaped; its status is the init's own failure code.
     assert_eq!(
-        sb.client.wait_process("garbage", "").await.expect("wait"),
+        sb.client
+            .wait_process(agent::WaitProcessRequest::of("garbage", ""))
+            .await
+            .expect("wait")
+            .status,
         127
     );
 }
@@ -366,25 +398,28 @@ async fn remove_kills_a_running_container_and_forgets_it() {
         .expect_err("duplicate");
     assert_eq!(code(&err), ttrpc::Code::ALREADY_EXISTS);
 
-    within(sb.client.remove_container("victim", 10))
-        .await
-        .expect("remove in time")
-        .expect("remove");
+    within(
+        sb.client
+            .remove_container(agent::RemoveContainerRequest::of("victim", 10)),
+    )
+    .await
+    .expect("remove in time")
+    .expect("remove");
     let err = sb
         .client
-        .wait_process("victim", "")
-        .await
-        .expect_err("gone");
-    assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
-    let err = sb
-        .client
-        .signal_process("victim", "", 9)
+        .wait_process(agent::WaitProcessRequest::of("victim", ""))
         .await
         .expect_err("gone");
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
     let err = sb
         .client
-        .remove_container("victim", 1)
+        .signal_process(agent::SignalProcessRequest::of("victim", "", 9))
+        .await
+        .expect_err("gone");
+    assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
+    let err = sb
+        .client
+        .remove_container(agent::RemoveContainerRequest::of("victim", 1))
         .await
         .expect_err("gone");
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
@@ -395,7 +430,7 @@ async fn remove_kills_a_running_container_and_forgets_it() {
         .await
         .expect("create again");
     sb.client
-        .remove_container("victim", 10)
+        .remove_container(agent::RemoveContainerRequest::of("victim", 10))
         .await
         .expect("remove created");
 }
@@ -409,30 +444,39 @@ async fn a_terminal_container_runs_on_a_pty() {
     // No separate stderr on a terminal.
     assert!(sb
         .client
-        .read_stderr("tty", "", 100)
+        .read_stderr(agent::ReadStreamRequest::of("tty", "", 100))
         .await
         .expect("read")
+        .data
         .is_empty());
     sb.client
-        .tty_win_resize("tty", "", 40, 120)
+        .tty_win_resize(agent::TtyWinResizeRequest::of("tty", "", 40, 120))
         .await
         .expect("resize");
     sb.client
-        .write_stdin("tty", "", b"abc\n".to_vec())
+        .write_stdin(agent::WriteStreamRequest::of("tty", "", b"abc\n".to_vec()))
         .await
-        .expect("write");
+        .expect("write")
+        .len;
     let out = within(read_to_eof(&sb.client, "tty", false))
         .await
         .expect("output");
     // The pty echoes the input too, in whatever order it arrives relative to `tty`'s output.
     assert!(out.lines().any(|l| l.starts_with("/dev/pts/")), "{out:?}");
     assert!(out.contains("got abc"), "{out:?}");
-    assert_eq!(sb.client.wait_process("tty", "").await.expect("wait"), 0);
+    assert_eq!(
+        sb.client
+            .wait_process(agent::WaitProcessRequest::of("tty", ""))
+            .await
+            .expect("wait")
+            .status,
+        0
+    );
 
     create_and_start(&sb, "notty", spec(&sb.rootfs, &["true"])).await;
     let err = sb
         .client
-        .tty_win_resize("notty", "", 1, 1)
+        .tty_win_resize(agent::TtyWinResizeRequest::of("notty", "", 1, 1))
         .await
         .expect_err("no tty");
     assert_eq!(code(&err), ttrpc::Code::FAILED_PRECONDITION);
@@ -443,14 +487,14 @@ async fn bad_requests_get_clear_status_codes() {
     let sb = sandbox();
     let err = sb
         .client
-        .start_container("nope")
+        .start_container(agent::StartContainerRequest::of("nope"))
         .await
         .expect_err("unknown");
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
     assert!(message(&err).contains("\"nope\""), "{err}");
     let err = sb
         .client
-        .read_stdout("nope", "", 1)
+        .read_stdout(agent::ReadStreamRequest::of("nope", "", 1))
         .await
         .expect_err("unknown");
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
@@ -486,8 +530,15 @@ async fn bad_requests_get_clear_status_codes() {
 
     // With nothing mounted, destroying the sandbox still works (and kills what runs).
     create_and_start(&sb, "last", spec(&sb.rootfs, &["sleep", "600"])).await;
-    sb.client.destroy_sandbox().await.expect("destroy");
-    let err = sb.client.wait_process("last", "").await.expect_err("gone");
+    sb.client
+        .destroy_sandbox(agent::DestroySandboxRequest::new())
+        .await
+        .expect("destroy");
+    let err = sb
+        .client
+        .wait_process(agent::WaitProcessRequest::of("last", ""))
+        .await
+        .expect_err("gone");
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
 }
 
@@ -533,7 +584,11 @@ async fn exec_runs_in_the_containers_namespaces() {
         "exec\n/tmp\nhost-of-c\nsleep\u{0}600\u{0}\nin the rootfs\n"
     );
     assert_eq!(
-        sb.client.wait_process("c", "e1").await.expect("wait exec"),
+        sb.client
+            .wait_process(agent::WaitProcessRequest::of("c", "e1"))
+            .await
+            .expect("wait exec")
+            .status,
         5
     );
 
@@ -546,7 +601,7 @@ async fn exec_runs_in_the_containers_namespaces() {
     assert_eq!(code(&err), ttrpc::Code::ALREADY_EXISTS);
     let err = sb
         .client
-        .wait_process("c", "nope")
+        .wait_process(agent::WaitProcessRequest::of("c", "nope"))
         .await
         .expect_err("unknown");
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
@@ -563,24 +618,38 @@ async fn exec_runs_in_the_containers_namespaces() {
         .await
         .expect("exec sleep");
     sb.client
-        .signal_process("c", "e3", 9)
+        .signal_process(agent::SignalProcessRequest::of("c", "e3", 9))
         .await
         .expect("signal exec");
-    assert_eq!(sb.client.wait_process("c", "e3").await.expect("wait"), 137);
-    let err = sb.client.signal_process("c", "e3", 9).await;
+    assert_eq!(
+        sb.client
+            .wait_process(agent::WaitProcessRequest::of("c", "e3"))
+            .await
+            .expect("wait")
+            .status,
+        137
+    );
+    let err = sb
+        .client
+        .signal_process(agent::SignalProcessRequest::of("c", "e3", 9))
+        .await;
     assert!(err.is_ok(), "signalling an exited exec is fine: {err:?}");
-    sb.client.remove_container("c", 10).await.expect("remove");
+    sb.client
+        .remove_container(agent::RemoveContainerRequest::of("c", 10))
+        .await
+        .expect("remove");
 }
 
 async fn read_exec_to_eof(client: &AgentClient, id: &str, exec: &str, stderr: bool) -> String {
     let mut out = Vec::new();
     loop {
-        let data = if stderr {
-            client.read_stderr(id, exec, 4096).await
+        let request = agent::ReadStreamRequest::of(id, exec, 4096);
+        let reply = if stderr {
+            client.read_stderr(request).await
         } else {
-            client.read_stdout(id, exec, 4096).await
-        }
-        .expect("read stream");
+            client.read_stdout(request).await
+        };
+        let data = reply.expect("read stream").data;
         if data.is_empty() {
             return String::from_utf8_lossy(&out).into_owned();
         }
@@ -675,7 +744,7 @@ async fn stats_report_the_containers_cpu_memory_and_pids() {
     let sb = sandbox_with_env(&env);
     let err = sb
         .client
-        .stats_container("nobody")
+        .stats_container(agent::StatsContainerRequest::of("nobody"))
         .await
         .expect_err("unknown container");
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
@@ -684,17 +753,25 @@ async fn stats_report_the_containers_cpu_memory_and_pids() {
     create_and_start(&sb, "busy", spec(&sb.rootfs, &["sh", "-c", script])).await;
     let mut out = String::new();
     while !out.contains("done") {
-        let data = within(sb.client.read_stdout("busy", "", 4096))
-            .await
-            .expect("dd finishes in time")
-            .expect("read stdout");
+        let data = within(
+            sb.client
+                .read_stdout(agent::ReadStreamRequest::of("busy", "", 4096)),
+        )
+        .await
+        .expect("dd finishes in time")
+        .expect("read stdout")
+        .data;
         assert!(!data.is_empty(), "EOF before dd finished: {out:?}");
         out.push_str(&String::from_utf8_lossy(&data));
     }
 
     let cgroup = cgroups.as_ref().map(|c| c.0.join("busy"));
     let before = cgroup.as_deref().map(cgroup_usage_usec);
-    let reply = sb.client.stats_container("busy").await.expect("stats");
+    let reply = sb
+        .client
+        .stats_container(agent::StatsContainerRequest::of("busy"))
+        .await
+        .expect("stats");
     let after = cgroup.as_deref().map(cgroup_usage_usec);
     let stats = reply.cgroup_stats.as_ref().expect("cgroup stats");
     let cpu = stats.cpu_stats.cpu_usage.as_ref().expect("cpu usage");
@@ -731,16 +808,19 @@ async fn stats_report_the_containers_cpu_memory_and_pids() {
         }
     }
 
-    within(sb.client.remove_container("busy", 10))
-        .await
-        .expect("remove in time")
-        .expect("remove");
+    within(
+        sb.client
+            .remove_container(agent::RemoveContainerRequest::of("busy", 10)),
+    )
+    .await
+    .expect("remove in time")
+    .expect("remove");
     if let Some(dir) = &cgroup {
         assert!(!dir.exists(), "the agent removed {}", dir.display());
     }
     let err = sb
         .client
-        .stats_container("busy")
+        .stats_container(agent::StatsContainerRequest::of("busy"))
         .await
         .expect_err("removed container");
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);

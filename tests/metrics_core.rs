@@ -511,7 +511,7 @@ async fn hybrid_vsock_reaches_the_agent_through_the_handshake() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hybrid_vsock_faults_are_reported_clearly_and_in_time() {
-    use kata_shim_metrics::agent::client::{AgentClient, AgentTimeouts};
+    use kata_shim_metrics::agent_client::{AgentClient, AgentTimeouts};
     use support::hvsock_relay::Mode;
 
     let dir = support::temp_dir();
@@ -540,7 +540,7 @@ async fn hybrid_vsock_faults_are_reported_clearly_and_in_time() {
         );
         let started = Instant::now();
         let err = client
-            .get_metrics()
+            .get_metrics(Default::default())
             .await
             .expect_err("a broken relay cannot give metrics");
         let took = started.elapsed();

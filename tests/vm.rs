@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use kata_shim_metrics::agent::client::{AgentClient, AgentTimeouts};
 use kata_shim_metrics::agent::url::AgentUrl;
+use kata_shim_metrics::agent_client::{AgentClient, AgentTimeouts};
+use kata_shim_metrics::protocols::agent::GetMetricsRequest;
 use kata_shim_metrics::shim::hypervisor::{kill_leftovers, Accel, Vm, VmConfig, VmError};
 use support::prom;
 
@@ -150,13 +151,14 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
         },
     );
     client
-        .check(Duration::from_secs(10))
+        .serving()
         .await
         .expect("the agent answers a health check");
     let text = client
-        .get_metrics()
+        .get_metrics(GetMetricsRequest::new())
         .await
-        .expect("the agent answers GetMetrics");
+        .expect("the agent answers GetMetrics")
+        .metrics;
     let samples = prom::samples(&text);
 
     let vm_bytes = 512.0 * 1024.0 * 1024.0;

@@ -1,9 +1,6 @@
-//! Both sides of the agent protocol: addresses and transports, the shim's client, the agent's service.
+//! What both ends of the agent protocol share: agent addresses ([`url`]) and the transports that
+//! reach them ([`transport`]: vsock, hybrid vsock, unix). The protocol itself is [`crate::protocols`];
+//! the host's client is [`crate::agent_client`], the guest's server [`crate::guest`].
 
-pub mod client;
-pub mod container;
-pub mod guest_init;
-pub mod reaper;
-pub mod service;
 pub mod transport;
 pub mod url;

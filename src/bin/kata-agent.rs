@@ -4,17 +4,17 @@
 //! Started by the kernel as the guest's init (PID 1), it first sets the guest up (mounts, modules,
 //! network, hostname) and then never exits: termination signals are logged and ignored, and if the
 //! agent cannot serve, it powers the VM off so that the hypervisor exits and the shim sees it.
-//! Reaping: see `agent::reaper` (it owns waitpid for container processes).
+//! Reaping: see `guest::reaper` (it owns waitpid for container processes).
 
 use std::time::Duration;
 
 use clap::Parser;
-use kata_shim_metrics::agent::container::cgroup::CgroupRoot;
-use kata_shim_metrics::agent::container::{self, spawn::INIT_SUBCOMMAND};
-use kata_shim_metrics::agent::guest_init;
-use kata_shim_metrics::agent::reaper::Reaper;
-use kata_shim_metrics::agent::service::{self, AgentService};
 use kata_shim_metrics::agent::url::AgentUrl;
+use kata_shim_metrics::guest::boot;
+use kata_shim_metrics::guest::container::cgroup::CgroupRoot;
+use kata_shim_metrics::guest::container::{self, spawn::INIT_SUBCOMMAND};
+use kata_shim_metrics::guest::reaper::Reaper;
+use kata_shim_metrics::guest::service::{self, AgentService};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
@@ -29,13 +29,13 @@ struct Args {
 }
 
 fn main() {
-    // The container init (see agent::container::spawn) re-executes this binary; it must run
+    // The container init (see guest::container::spawn) re-executes this binary; it must run
     // before any thread exists, so before the tokio runtime (and it is PID 1 of its own pid
     // namespace, so before the guest-init check too).
     if std::env::args_os().nth(1).as_deref() == Some(INIT_SUBCOMMAND.as_ref()) {
         container::init::main();
     }
-    let init = guest_init::is_init();
+    let init = boot::is_init();
     let args = if init {
         // The kernel passes init the unknown words of the kernel command line: ignore them.
         Args::try_parse().unwrap_or_else(|_| Args {
@@ -56,7 +56,7 @@ fn main() {
     kata_shim_metrics::logging::init(&args.log_level);
     if init {
         // Before any thread exists: the console and mounts are process-wide.
-        guest_init::setup_guest();
+        boot::setup_guest();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -81,7 +81,7 @@ fn fail(init: bool, what: String) -> ! {
     }
     tracing::error!("kata-agent cannot serve as the guest's init: {what}; powering off");
     std::thread::sleep(Duration::from_millis(200));
-    let err = guest_init::power_off();
+    let err = boot::power_off();
     tracing::error!("power off failed: {err}; sleeping forever");
     loop {
         std::thread::sleep(Duration::from_secs(3600));

@@ -1,10 +1,8 @@
-//! Metrics: collectors that read /proc, the shim's global registry, and Prometheus text handling.
+//! Collectors that read /proc ([`process`] for any pid and prefix, [`guest`] for the guest OS) and
+//! Prometheus text handling ([`exposition`]). Nothing here knows the shim, the agent or the
+//! monitor: they build on this.
 
-pub mod agent;
 pub mod exposition;
 pub mod family;
 pub mod guest;
-pub mod overhead;
 pub mod process;
-pub mod registry;
-pub mod scrape;

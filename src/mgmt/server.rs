@@ -25,7 +25,6 @@ use tokio::task::JoinHandle;
 use super::paths::{self, SocketAddress};
 use super::peer::PeerPolicy;
 use super::pod::PodIdentity;
-use crate::metrics::scrape::ShimScraper;
 
 /// Prometheus text format 0.0.4.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -37,9 +36,16 @@ const MAX_CONNECTIONS: usize = 64;
 /// Request header buffer (hyper answers 431 beyond it); our requests are one short line.
 const MAX_REQUEST_BUFFER: usize = 16 * 1024;
 
+/// What `GET /metrics` serves: the whole body of one scrape. It must answer within its own
+/// deadlines and never fail (the shim's scrape reports a missing agent inside the body).
+#[async_trait::async_trait]
+pub trait MetricsSource: Send + Sync {
+    async fn render(&self) -> String;
+}
+
 /// What the server answers with.
 pub struct MgmtState {
-    pub scraper: ShimScraper,
+    pub metrics: Box<dyn MetricsSource>,
     pub agent_url: String,
     /// The pod this sandbox belongs to (served on `/pod-labels`), when the shim knows it.
     pub pod: Option<PodIdentity>,
@@ -309,7 +315,7 @@ async fn route(req: Request<Incoming>, state: &MgmtState) -> Response<Full<Bytes
             response
         }
         "/metrics" => {
-            let body = state.scraper.render().await;
+            let body = state.metrics.render().await;
             metrics_response(body, accepts_gzip(&req))
         }
         "/agent-url" => text(StatusCode::OK, state.agent_url.clone()),

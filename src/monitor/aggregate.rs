@@ -8,8 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::metrics::exposition::{escape_label_value, write_value, Family, MetricType, Sample};
-use crate::metrics::scrape::HOST_LABELS;
+use crate::metrics::exposition::{
+    escape_label_value, write_value, Family, MetricType, Sample, HOST_LABELS,
+};
 
 /// Shim families renamed on the way through (the shim serves its own `process_*` unprefixed).
 const SHIM_RENAMES: [(&str, &str); 1] = [("process_", "kata_shim_process_")];

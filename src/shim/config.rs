@@ -269,9 +269,9 @@ impl Config {
     }
 
     /// The agent client's deadlines.
-    pub fn agent_timeouts(&self) -> crate::agent::client::AgentTimeouts {
+    pub fn agent_timeouts(&self) -> crate::agent_client::AgentTimeouts {
         let kata = &self.agent.kata;
-        crate::agent::client::AgentTimeouts {
+        crate::agent_client::AgentTimeouts {
             connect: kata.dial_timeout.0,
             metrics: kata.metrics_timeout.0,
             request: kata.request_timeout.0,

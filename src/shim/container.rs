@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::stdio::StdioPaths;
-use crate::agent::client::AgentClient;
+use crate::agent_client::AgentClient;
 use crate::protocols::oci as grpc;
 
 /// How a process ended.

@@ -5,6 +5,7 @@ pub mod config;
 pub mod container;
 pub mod events;
 pub mod hypervisor;
+pub mod metrics;
 pub mod oci;
 pub mod rootfs;
 pub mod sandbox;

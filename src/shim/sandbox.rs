@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use super::config::{self, Config};
 use super::hypervisor::{self, Vm, VmConfig};
+use super::metrics::launch::{self, SandboxMetrics};
+use super::metrics::registry;
 use super::oci::{GUEST_SHARED_DIR, SHARED_TAG};
 use super::rootfs;
-use crate::agent::client::{AgentClient, AgentError};
-use crate::metrics::registry;
-use crate::mgmt::launch::{self, SandboxMetrics};
+use crate::agent_client::{AgentClient, AgentError};
 use crate::mgmt::server::{remove_sandbox_files, MgmtServer};
 use crate::mgmt::PodIdentity;
 use crate::protocols::agent;
@@ -102,10 +102,10 @@ impl Sandbox {
             }
         };
         let vm_ready = started.elapsed();
-        let agent = Arc::new(AgentClient::new(
-            vm.agent_url().clone(),
-            config.agent_timeouts(),
-        ));
+        let agent = Arc::new(
+            AgentClient::new(vm.agent_url().clone(), config.agent_timeouts())
+                .with_durations(Some(registry::agent_rpc_durations())),
+        );
 
         let started = Instant::now();
         if let Err(source) = create_guest_sandbox(&agent, id).await {
@@ -169,17 +169,16 @@ impl Sandbox {
     /// Tears the sandbox down: guest sandbox, metrics server, VM, and every file of it.
     pub async fn stop(mut self) {
         tracing::info!(sandbox = self.id, "stopping the sandbox");
-        let destroy = agent::DestroySandboxRequest::new();
-        if let Err(err) = self
+        let destroy = self
             .agent
-            .call(
-                "grpc.DestroySandboxRequest",
-                DESTROY_TIMEOUT,
-                |c, ctx| async move { c.agent.destroy_sandbox(ctx, &destroy).await },
-            )
-            .await
-        {
-            tracing::warn!(sandbox = self.id, "DestroySandbox: {err}");
+            .destroy_sandbox(agent::DestroySandboxRequest::new());
+        match tokio::time::timeout(DESTROY_TIMEOUT, destroy).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::warn!(sandbox = self.id, "DestroySandbox: {err}"),
+            Err(_) => tracing::warn!(
+                sandbox = self.id,
+                "DestroySandbox: no answer within {DESTROY_TIMEOUT:?}"
+            ),
         }
         if let Some(mgmt) = self.mgmt {
             if tokio::time::timeout(STEP_TIMEOUT, mgmt.shutdown())
@@ -248,7 +247,7 @@ async fn create_guest_sandbox(agent: &AgentClient, id: &str) -> Result<(), Agent
         }],
         ..Default::default()
     };
-    agent.create_sandbox(req).await
+    agent.create_sandbox(req).await.map(drop)
 }
 
 fn vm_config(config: &Config, dirs: &SandboxDirs) -> VmConfig {
@@ -265,6 +264,7 @@ fn vm_config(config: &Config, dirs: &SandboxDirs) -> VmConfig {
             config::Accel::Tcg => hypervisor::Accel::Tcg,
         },
         vsock_daemon: qemu.vsock_daemon.clone(),
+        agent_durations: Some(registry::agent_rpc_durations()),
         share_dir: dirs.shared.clone(),
         state_dir: dirs.vm_state.clone(),
         boot_timeout: qemu.boot_timeout.0,

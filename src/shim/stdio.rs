@@ -12,7 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::task::JoinHandle;
 
-use crate::agent::client::{AgentClient, AgentError};
+use crate::agent_client::{AgentClient, AgentError};
+use crate::protocols::agent;
 
 /// How much one ReadStdout/ReadStderr asks for.
 const READ_CHUNK: u32 = 32 * 1024;
@@ -83,10 +84,12 @@ async fn read_stream(
     exec_id: &str,
     stream: OutStream,
 ) -> Result<Vec<u8>, AgentError> {
-    match stream {
-        OutStream::Stdout => agent.read_stdout(container_id, exec_id, READ_CHUNK).await,
-        OutStream::Stderr => agent.read_stderr(container_id, exec_id, READ_CHUNK).await,
-    }
+    let req = agent::ReadStreamRequest::of(container_id, exec_id, READ_CHUNK);
+    let reply = match stream {
+        OutStream::Stdout => agent.read_stdout(req).await?,
+        OutStream::Stderr => agent.read_stderr(req).await?,
+    };
+    Ok(reply.data)
 }
 
 /// Copies `path` to the process's stdin, then closes it in the guest at EOF.
@@ -116,15 +119,14 @@ pub fn copy_input(
                 Ok(n) => n,
             };
             // The agent writes all of it (or fails).
-            if let Err(err) = agent
-                .write_stdin(&container_id, &exec_id, buf[..n].to_vec())
-                .await
-            {
+            let write = agent::WriteStreamRequest::of(&container_id, &exec_id, buf[..n].to_vec());
+            if let Err(err) = agent.write_stdin(write).await {
                 tracing::debug!(container_id, "stdin ends: {err}");
                 return;
             }
         }
-        if let Err(err) = agent.close_stdin(&container_id, &exec_id).await {
+        let close = agent::CloseStdinRequest::of(&container_id, &exec_id);
+        if let Err(err) = agent.close_stdin(close).await {
             tracing::debug!(container_id, "closing stdin: {err}");
         }
     }))

@@ -32,12 +32,12 @@ use ttrpc::Code;
 use super::config::Config;
 use super::container::{Container, Exit, Process};
 use super::events::{timestamp, Events};
+use super::metrics::registry::SHIM_RPC_DURATIONS;
 use super::oci;
 use super::rootfs;
 use super::sandbox::{self, Sandbox, SandboxSlot};
 use super::stdio::{self, OutStream, StdioPaths};
 use super::waiter;
-use crate::metrics::registry::SHIM_RPC_DURATIONS;
 use crate::protocols::agent;
 
 /// Seconds the agent gives a container's processes to die on RemoveContainer.
@@ -234,7 +234,8 @@ impl TaskService {
     async fn start_init(&self, container: Arc<Container>) -> TtrpcResult<StartResponse> {
         // Output readers first, so nothing the process writes early is lost.
         let (out, err) = copy_outputs(&container, &container.init);
-        if let Err(e) = container.agent.start_container(&container.id).await {
+        let start = agent::StartContainerRequest::of(&container.id);
+        if let Err(e) = container.agent.start_container(start).await {
             out.abort();
             err.abort();
             return Err(error(
@@ -407,11 +408,8 @@ impl TaskService {
             container.remove_exec(&process.exec_id);
             return Ok(deleted);
         }
-        if let Err(err) = container
-            .agent
-            .remove_container(&req.id, REMOVE_TIMEOUT_SECS)
-            .await
-        {
+        let remove = agent::RemoveContainerRequest::of(&req.id, REMOVE_TIMEOUT_SECS);
+        if let Err(err) = container.agent.remove_container(remove).await {
             // The VM may already be gone; the host side is cleaned up regardless.
             tracing::warn!(container = req.id, "RemoveContainer: {err}");
         }
@@ -524,7 +522,9 @@ impl Task for TaskService {
                 _ => {}
             }
             c.agent
-                .signal_process(&req.id, &p.exec_id, req.signal)
+                .signal_process(agent::SignalProcessRequest::of(
+                    &req.id, &p.exec_id, req.signal,
+                ))
                 .await
                 .map_err(|err| {
                     error(
@@ -595,7 +595,8 @@ impl Task for TaskService {
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
         timed("stats", async {
             let c = self.container(&req.id)?;
-            let reply = c.agent.stats_container(&req.id).await.map_err(|err| {
+            let stats = agent::StatsContainerRequest::of(&req.id);
+            let reply = c.agent.stats_container(stats).await.map_err(|err| {
                 error(
                     Code::INTERNAL,
                     format!("reading the stats of {:?}: {err}", req.id),
@@ -640,15 +641,13 @@ impl Task for TaskService {
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
         timed("resize_pty", async {
             let (c, p) = self.process(&req.id, &req.exec_id)?;
-            c.agent
-                .tty_win_resize(&req.id, &p.exec_id, req.height, req.width)
-                .await
-                .map_err(|err| {
-                    error(
-                        Code::INTERNAL,
-                        format!("resizing the terminal of {}: {err}", describe(&c, &p)),
-                    )
-                })?;
+            let resize = agent::TtyWinResizeRequest::of(&req.id, &p.exec_id, req.height, req.width);
+            c.agent.tty_win_resize(resize).await.map_err(|err| {
+                error(
+                    Code::INTERNAL,
+                    format!("resizing the terminal of {}: {err}", describe(&c, &p)),
+                )
+            })?;
             Ok(Empty::new())
         })
         .await

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use super::container::{Container, Exit, Process};
 use super::events::{timestamp, Events};
+use crate::protocols::agent;
 
 /// How long a finished process's output may take to drain before its exit is reported.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -24,11 +25,9 @@ pub async fn wait_for_exit(
     out: JoinHandle<()>,
     err: JoinHandle<()>,
 ) {
-    let wait = container
-        .agent
-        .wait_process(&container.id, &process.exec_id);
-    let status = match wait.await {
-        Ok(status) => u32::try_from(status).unwrap_or(UNKNOWN_EXIT),
+    let wait = agent::WaitProcessRequest::of(&container.id, &process.exec_id);
+    let status = match container.agent.wait_process(wait).await {
+        Ok(reply) => u32::try_from(reply.status).unwrap_or(UNKNOWN_EXIT),
         Err(e) => {
             tracing::warn!(
                 container = container.id,

@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::agent_client::RpcDurations;
+
 pub use qemu::{kill_leftovers, kvm_usable, Vm};
 
 /// Kernel parameters every VM gets; [`VmConfig::kernel_params`] is appended.
@@ -73,6 +75,8 @@ pub struct VmConfig {
     pub accel: Accel,
     /// `vhost-device-vsock`, used when the host has no `/dev/vhost-vsock`.
     pub vsock_daemon: PathBuf,
+    /// Where the health checks of the boot report their latency (the shim's agent RPC histogram).
+    pub agent_durations: Option<RpcDurations>,
     /// The host directory exported to the guest over virtio-9p with mount tag [`SHARE_MOUNT_TAG`].
     pub share_dir: PathBuf,
     /// Where every file of this VM lives (e.g. `<run dir>/<sandbox id>/vm`); created by
@@ -101,6 +105,7 @@ impl VmConfig {
             vcpus: 1,
             accel: Accel::Auto,
             vsock_daemon: PathBuf::from("vhost-device-vsock"),
+            agent_durations: None,
             share_dir,
             state_dir,
             boot_timeout: Duration::from_secs(60),

@@ -29,8 +29,8 @@ use tokio::time::Instant;
 use super::{
     Accel, BootTimings, VmConfig, VmError, BASE_KERNEL_PARAMS, MAX_SOCKET_PATH, SHARE_MOUNT_TAG,
 };
-use crate::agent::client::{AgentClient, AgentTimeouts};
 use crate::agent::url::{AgentUrl, DEFAULT_AGENT_PORT};
+use crate::agent_client::{AgentClient, AgentTimeouts, RpcDurations};
 
 pub const CONSOLE_LOG: &str = "console.log";
 pub const QEMU_LOG: &str = "qemu.log";
@@ -213,7 +213,8 @@ impl Vm {
 
         let qemu_started = Instant::now();
         self.start_qemu(cfg, vsock)?;
-        self.wait_for_agent(cfg.boot_timeout).await?;
+        self.wait_for_agent(cfg.boot_timeout, cfg.agent_durations.clone())
+            .await?;
         self.timings.qemu_to_agent = qemu_started.elapsed();
         self.timings.total = started.elapsed();
         tracing::info!(
@@ -289,15 +290,21 @@ impl Vm {
     }
 
     /// Health checks until one succeeds; fails at once when QEMU or the daemon exits.
-    async fn wait_for_agent(&mut self, timeout: Duration) -> Result<(), VmError> {
+    async fn wait_for_agent(
+        &mut self,
+        timeout: Duration,
+        durations: Option<RpcDurations>,
+    ) -> Result<(), VmError> {
+        let attempt_limit = Duration::from_secs(1);
         let client = AgentClient::new(
             self.agent_url.clone(),
             AgentTimeouts {
-                connect: Duration::from_secs(1),
-                metrics: Duration::from_secs(1),
-                request: Duration::from_secs(1),
+                connect: attempt_limit,
+                metrics: attempt_limit,
+                request: attempt_limit,
             },
-        );
+        )
+        .with_durations(durations);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(qemu) = self.qemu.as_mut() {
@@ -310,9 +317,10 @@ impl Vm {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = Instant::now();
-            let err = match client.check(left.min(Duration::from_secs(1))).await {
-                Ok(()) => return Ok(()),
-                Err(err) => err,
+            let err = match tokio::time::timeout(left, client.serving()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => format!("no answer to a health check within {left:?}"),
             };
             tracing::debug!(
                 took_ms = attempt.elapsed().as_millis() as u64,
@@ -322,7 +330,7 @@ impl Vm {
                 return Err(VmError::Timeout {
                     what: "the guest's agent",
                     timeout,
-                    reason: err.to_string(),
+                    reason: err,
                     log_name: CONSOLE_LOG,
                     log_tail: self.console_tail(),
                 });

@@ -9,15 +9,14 @@ use std::sync::Arc;
 
 use prometheus::{Encoder, TextEncoder};
 
-use super::exposition::{self, Dropped, ExpositionError, Family, Limits};
 use super::overhead::GuestUsage;
 use super::registry::{
     self, AGENT_FAMILIES_DROPPED, AGENT_METRICS_ERRORS, AGENT_METRICS_UP, POD_OVERHEAD, REGISTRY,
 };
-use crate::agent::client::AgentClient;
-
-/// Labels only the host may set: kata-monitor adds them per sandbox.
-pub const HOST_LABELS: [&str; 4] = ["sandbox_id", "cri_uid", "cri_name", "cri_namespace"];
+use crate::agent_client::AgentClient;
+use crate::metrics::exposition::{self, Dropped, ExpositionError, Family, Limits, HOST_LABELS};
+use crate::mgmt::server::MetricsSource;
+use crate::protocols::agent::GetMetricsRequest;
 
 /// Family name prefixes the guest may fill (after renaming).
 const AGENT_NAMESPACES: [&str; 2] = ["kata_agent_", "kata_guest_"];
@@ -41,8 +40,9 @@ impl ShimScraper {
     /// The whole `/metrics` body. Never fails: without the agent it still has the host families and
     /// says so with `kata_shim_agent_metrics_up 0`.
     pub async fn render(&self) -> String {
-        let agent_text = match self.agent.get_metrics().await {
-            Ok(text) => Some(text),
+        let request = GetMetricsRequest::new();
+        let agent_text = match self.agent.get_metrics(request).await {
+            Ok(reply) => Some(reply.metrics),
             Err(err) => {
                 tracing::warn!(error = %err, "agent metrics are missing from this scrape");
                 AGENT_METRICS_ERRORS
@@ -109,6 +109,13 @@ impl ShimScraper {
         let mut out = String::from_utf8(body).unwrap_or_default();
         exposition::encode(&agent_families, &mut out);
         out
+    }
+}
+
+#[async_trait::async_trait]
+impl MetricsSource for ShimScraper {
+    async fn render(&self) -> String {
+        ShimScraper::render(self).await
     }
 }
 

@@ -15,8 +15,8 @@ use std::time::Instant;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 
-use super::exposition::Family;
-use super::family::GaugeSpec;
+use crate::metrics::exposition::Family;
+use crate::metrics::family::GaugeSpec;
 
 /// Guest CPU items that count as busy time (`guest`/`guest_nice` are already inside `user`/`nice`).
 const GUEST_BUSY_ITEMS: [&str; 6] = ["user", "nice", "system", "irq", "softirq", "steal"];

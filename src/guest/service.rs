@@ -9,9 +9,9 @@ use ttrpc::asynchronous::{Server, TtrpcContext};
 
 use super::container::cgroup::CgroupRoot;
 use super::container::{status, stdio, Containers};
+use super::metrics::AgentMetrics;
 use super::reaper::Reaper;
-use super::url::AgentUrl;
-use crate::metrics::agent::AgentMetrics;
+use crate::agent::url::AgentUrl;
 use crate::protocols::empty::Empty;
 use crate::protocols::{agent, agent_ttrpc, health, health_ttrpc};
 

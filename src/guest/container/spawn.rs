@@ -17,7 +17,7 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::unistd::Pid;
 
 use super::stdio::ChildStdio;
-use crate::agent::reaper::{ExitWatch, Reaper};
+use crate::guest::reaper::{ExitWatch, Reaper};
 
 pub const FD_CONFIG: i32 = 3;
 pub const FD_START: i32 = 4;

@@ -3,8 +3,8 @@
 
 use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
 
-use super::guest::GuestCollector;
-use super::process::{ProcessCollector, ProcessCollectorOptions, Target};
+use crate::metrics::guest::GuestCollector;
+use crate::metrics::process::{ProcessCollector, ProcessCollectorOptions, Target};
 
 pub struct AgentMetrics {
     registry: Registry,

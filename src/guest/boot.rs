@@ -3,7 +3,7 @@
 //!
 //! Nothing here fails the boot: each step that goes wrong is logged and the rest still runs, so the
 //! agent comes up (and can be asked what is missing) whenever its vsock transport loaded.
-//! Reaping: see `agent::reaper` (it owns waitpid for container processes; nothing here waits).
+//! Reaping: see `guest::reaper` (it owns waitpid for container processes; nothing here waits).
 
 use std::ffi::CString;
 use std::fs::File;

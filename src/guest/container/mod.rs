@@ -46,7 +46,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use ttrpc::Code;
 
-use crate::agent::reaper::Reaper;
+use crate::guest::reaper::Reaper;
 use crate::protocols::agent;
 use cgroup::{Cgroup, CgroupRoot};
 use state::Process;

@@ -14,7 +14,7 @@ use super::spawn::{self, Status};
 use super::spec;
 use super::stdio::Stdio;
 use super::{status, RpcResult};
-use crate::agent::reaper::{self, ExitWatch, Reaper};
+use crate::guest::reaper::{self, ExitWatch, Reaper};
 use crate::protocols::oci;
 
 /// Terminal size until the shim sends TtyWinResize, when the spec gives none.

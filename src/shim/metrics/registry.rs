@@ -12,7 +12,8 @@ use prometheus::{
 };
 
 use super::overhead::PodOverhead;
-use super::process::{ProcessCollector, ProcessCollectorOptions, Target};
+use crate::agent_client::RpcDurations;
+use crate::metrics::process::{ProcessCollector, ProcessCollectorOptions, Target};
 
 /// Kata's buckets for its millisecond histograms: 1, 2, 4, ... 512 ms.
 fn millisecond_buckets() -> Vec<f64> {
@@ -85,6 +86,11 @@ lazy_static! {
 
     /// The pid whose hypervisor collector is registered, so a new VM replaces the old one.
     static ref HYPERVISOR_PID: Mutex<Option<i32>> = Mutex::new(None);
+}
+
+/// Where the shim's agent clients report their calls' latency ([`AGENT_RPC_DURATIONS`]).
+pub fn agent_rpc_durations() -> RpcDurations {
+    RpcDurations(AGENT_RPC_DURATIONS.clone())
 }
 
 /// Registers the shim's own process families: `kata_shim_*` and the unprefixed `process_*`.

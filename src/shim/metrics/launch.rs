@@ -4,12 +4,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::pod::PodIdentity;
-use super::server::{MgmtConfig, MgmtError, MgmtServer, MgmtState};
-use crate::agent::client::AgentClient;
+use super::registry;
+use super::scrape::ShimScraper;
+use crate::agent_client::AgentClient;
 use crate::metrics::exposition::Limits;
-use crate::metrics::registry;
-use crate::metrics::scrape::ShimScraper;
+use crate::mgmt::server::{MgmtConfig, MgmtError, MgmtServer, MgmtState};
+use crate::mgmt::PodIdentity;
 
 pub struct SandboxMetrics {
     pub sandbox_id: String,
@@ -40,7 +40,10 @@ pub async fn start(sandbox: SandboxMetrics) -> Result<MgmtServer, LaunchError> {
     }
     let state = Arc::new(MgmtState {
         agent_url: sandbox.agent.url().to_string(),
-        scraper: ShimScraper::new(sandbox.agent.clone(), sandbox.agent_text_limits),
+        metrics: Box::new(ShimScraper::new(
+            sandbox.agent.clone(),
+            sandbox.agent_text_limits,
+        )),
         pod: sandbox.pod,
     });
     let config = MgmtConfig {
