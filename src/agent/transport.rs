@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::time::Instant;
 use ttrpc::asynchronous::transport::Socket;
 
 use super::url::AgentUrl;
@@ -36,28 +35,6 @@ pub async fn connect(url: &AgentUrl, timeout: Duration) -> Result<Socket, Transp
             url: url.to_string(),
             timeout,
         }),
-    }
-}
-
-/// Like [`connect`], but retries until `timeout` while the peer is not ready yet: a VM whose agent is
-/// still booting makes the vsock daemon accept and then drop our connection.
-pub async fn connect_with_retry(
-    url: &AgentUrl,
-    timeout: Duration,
-) -> Result<Socket, TransportError> {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(10);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let err = match connect(url, left).await {
-            Ok(socket) => return Ok(socket),
-            Err(err) => err,
-        };
-        if Instant::now() + pause >= deadline {
-            return Err(err);
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(200));
     }
 }
 

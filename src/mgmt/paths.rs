@@ -8,6 +8,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use procfs::net::UnixNetEntry;
+
 /// The default run directory that Kata tooling looks in.
 pub const DEFAULT_RUN_DIR: &str = "/run/vc/sbs";
 /// The second place clients look for a sandbox's file socket.
@@ -127,7 +129,8 @@ pub fn candidate_sockets(
     match namespace {
         Some(ns) => found.push(SocketAddress::Abstract(abstract_socket_name(ns, id))),
         None => {
-            let listed = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+            // Unreadable: no abstract candidates; the caller then reports the sandbox missing.
+            let listed = procfs::net::unix().unwrap_or_default();
             found.extend(
                 abstract_sockets_of(&listed, id)
                     .into_iter()
@@ -147,10 +150,12 @@ pub fn default_client_run_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-/// Abstract management sockets of sandbox `id` listed in a `/proc/net/unix` text (any namespace).
-pub fn abstract_sockets_of(proc_net_unix: &str, id: &str) -> Vec<String> {
+/// Abstract management sockets of sandbox `id` among the `/proc/net/unix` entries (any namespace).
+fn abstract_sockets_of(listed: &[UnixNetEntry], id: &str) -> Vec<String> {
     let suffix = format!("/{id}/{SOCKET_NAME}");
-    let mut names: Vec<String> = all_abstract_sockets(proc_net_unix)
+    let mut names: Vec<String> = listed
+        .iter()
+        .filter_map(abstract_name)
         .filter(|name| name.ends_with(&suffix))
         .filter(|name| {
             // Exactly /containerd-shim/<ns>/<id>/shim-monitor.sock, with a plain namespace.
@@ -165,13 +170,9 @@ pub fn abstract_sockets_of(proc_net_unix: &str, id: &str) -> Vec<String> {
     names
 }
 
-/// Every abstract socket name in a `/proc/net/unix` text (the path column starts with `@`).
-pub fn all_abstract_sockets(proc_net_unix: &str) -> impl Iterator<Item = &str> {
-    proc_net_unix
-        .lines()
-        .skip(1)
-        .filter_map(|line| line.split_whitespace().nth(7))
-        .filter_map(|path| path.strip_prefix('@'))
+/// The name of an abstract socket (its `/proc/net/unix` path starts with `@`), without the `@`.
+fn abstract_name(entry: &UnixNetEntry) -> Option<&str> {
+    entry.path.as_deref()?.to_str()?.strip_prefix('@')
 }
 
 #[cfg(test)]
@@ -203,20 +204,24 @@ mod tests {
 
     #[test]
     fn finds_abstract_sockets_in_proc_net_unix() {
-        let listed = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+        use procfs::FromBufRead;
+        let text = "Num       RefCount Protocol Flags    Type St Inode Path\n\
             0000000000000000: 00000002 00000000 00010000 0001 01 25911 @/containerd-shim/k8s.io/sb1/shim-monitor.sock\n\
             0000000000000000: 00000002 00000000 00010000 0001 01 25912 @/containerd-shim/default/sb1/shim-monitor.sock\n\
             0000000000000000: 00000002 00000000 00010000 0001 01 25913 @/containerd-shim/default/sb10/shim-monitor.sock\n\
             0000000000000000: 00000002 00000000 00010000 0001 01 25914 /run/containerd/containerd.sock\n\
             0000000000000000: 00000003 00000000 00000000 0001 03 25915\n";
+        let listed = procfs::net::UnixNetEntries::from_buf_read(text.as_bytes())
+            .expect("a /proc/net/unix text")
+            .0;
         assert_eq!(
-            abstract_sockets_of(listed, "sb1"),
+            abstract_sockets_of(&listed, "sb1"),
             vec![
                 "/containerd-shim/default/sb1/shim-monitor.sock".to_string(),
                 "/containerd-shim/k8s.io/sb1/shim-monitor.sock".to_string()
             ]
         );
-        assert!(abstract_sockets_of(listed, "sb2").is_empty());
+        assert!(abstract_sockets_of(&listed, "sb2").is_empty());
     }
 
     #[test]

@@ -8,10 +8,12 @@ use std::path::PathBuf;
 
 use tokio::net::UnixStream;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum PeerRefused {
     #[error("peer credentials unavailable: {0}")]
-    NoCredentials(String),
+    NoCredentials(#[source] std::io::Error),
+    #[error("peer credentials unavailable: no peer pid")]
+    NoPeerPid,
     #[error("peer uid {uid} is neither root nor the shim's uid {own}")]
     Uid { uid: u32, own: u32 },
     #[error("peer pid {pid} is in another mount namespace ({theirs}, ours {ours})")]
@@ -20,8 +22,8 @@ pub enum PeerRefused {
         theirs: String,
         ours: String,
     },
-    #[error("peer pid {pid}: cannot read its mount namespace: {why}")]
-    UnknownNamespace { pid: i32, why: String },
+    #[error("peer pid {pid}: cannot read its mount namespace: {source}")]
+    UnknownNamespace { pid: i32, source: std::io::Error },
 }
 
 /// The rule: which uid and mount namespace a peer must have.
@@ -42,9 +44,7 @@ impl PeerPolicy {
 
     /// Checks the process at the other end of `stream`.
     pub fn check(&self, stream: &UnixStream) -> Result<(), PeerRefused> {
-        let cred = stream
-            .peer_cred()
-            .map_err(|e| PeerRefused::NoCredentials(e.to_string()))?;
+        let cred = stream.peer_cred().map_err(PeerRefused::NoCredentials)?;
         let uid = cred.uid();
         if uid != 0 && uid != self.own_uid {
             return Err(PeerRefused::Uid {
@@ -52,14 +52,9 @@ impl PeerPolicy {
                 own: self.own_uid,
             });
         }
-        let pid = cred
-            .pid()
-            .ok_or_else(|| PeerRefused::NoCredentials("no peer pid".to_string()))?;
-        let theirs =
-            mount_namespace(&pid.to_string()).map_err(|e| PeerRefused::UnknownNamespace {
-                pid,
-                why: e.to_string(),
-            })?;
+        let pid = cred.pid().ok_or(PeerRefused::NoPeerPid)?;
+        let theirs = mount_namespace(&pid.to_string())
+            .map_err(|source| PeerRefused::UnknownNamespace { pid, source })?;
         if theirs != self.own_mount_ns {
             return Err(PeerRefused::MountNamespace {
                 pid,

@@ -175,11 +175,6 @@ pub fn block_of(family: &Family) -> FamilyBlock {
     block_with(family, false)
 }
 
-/// A shim's family as a block: its host labels stripped, to be added at output.
-pub fn shim_block(family: &Family) -> FamilyBlock {
-    block_with(family, true)
-}
-
 fn block_with(family: &Family, strip_host_labels: bool) -> FamilyBlock {
     let mut block = FamilyBlock::new(family.name.clone(), family.help.clone(), family.kind);
     for sample in &family.samples {
@@ -361,7 +356,7 @@ mod tests {
 
     #[test]
     fn host_labels_are_appended_and_replace_any_the_shim_set() {
-        let block = shim_block(&family(
+        let (body, _) = shim_body(vec![family(
             "kata_guest_load",
             MetricType::Gauge,
             vec![
@@ -372,7 +367,8 @@ mod tests {
                 ),
                 sample("kata_guest_load", &[], 2.0),
             ],
-        ));
+        )]);
+        let block = &body.families[0];
         let host = host_labels(
             "sb1",
             &[("cri_uid", "u"), ("cri_name", ""), ("cri_namespace", "ns")],

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::aggregate::{shim_body, ShimBody};
 use super::sandboxes::{PodLabels, Sandbox};
-use crate::metrics::exposition::{self, Limits};
+use crate::metrics::exposition::{self, ExpositionError, Limits};
 use crate::mgmt::client::{self, ClientError, GetOptions};
 use crate::mgmt::PodIdentity;
 
@@ -25,8 +25,15 @@ pub enum ScrapeError {
     Client(#[from] ClientError),
     #[error("the shim answered {0}")]
     Status(StatusCode),
+    #[error("the shim's metrics are not valid text: not UTF-8: {0}")]
+    NotUtf8(#[source] std::str::Utf8Error),
     #[error("the shim's metrics are not valid text: {0}")]
-    Malformed(String),
+    Refused(#[from] ExpositionError),
+    /// Nothing usable in a non-empty body; `first_drop` says why its first family was dropped.
+    #[error("the shim's metrics are not valid text: {first_drop}")]
+    NoFamilies { first_drop: String },
+    #[error("the shim's metrics are not valid text: parser task failed: {0}")]
+    ParserTask(#[source] tokio::task::JoinError),
     #[error("not scraped before the scrape deadline")]
     Deadline,
 }
@@ -39,7 +46,10 @@ impl ScrapeError {
             ScrapeError::Client(ClientError::Connect { .. }) => "connect",
             ScrapeError::Client(ClientError::Http { .. }) => "http",
             ScrapeError::Status(_) => "status",
-            ScrapeError::Malformed(_) => "malformed",
+            ScrapeError::NotUtf8(_)
+            | ScrapeError::Refused(_)
+            | ScrapeError::NoFamilies { .. }
+            | ScrapeError::ParserTask(_) => "malformed",
             ScrapeError::Deadline => "deadline",
         }
     }
@@ -163,23 +173,21 @@ impl Scraper {
         // Parsing is CPU work; keep it off the threads that drive sockets.
         tokio::task::spawn_blocking(move || parse_body(&response.body, &limits))
             .await
-            .map_err(|err| ScrapeError::Malformed(format!("parser task failed: {err}")))?
+            .map_err(ScrapeError::ParserTask)?
     }
 }
 
 /// Reads a shim's `/metrics` body into a sandbox's blocks.
 pub fn parse_body(body: &[u8], limits: &Limits) -> Result<ScrapedBody, ScrapeError> {
-    let text = std::str::from_utf8(body)
-        .map_err(|err| ScrapeError::Malformed(format!("not UTF-8: {err}")))?;
-    let parsed =
-        exposition::parse(text, limits).map_err(|err| ScrapeError::Malformed(err.to_string()))?;
+    let text = std::str::from_utf8(body).map_err(ScrapeError::NotUtf8)?;
+    let parsed = exposition::parse(text, limits)?;
     // A live shim always has its own families: nothing usable means the body was garbage.
     if parsed.families.is_empty() && !text.trim().is_empty() {
-        let why = parsed
+        let first_drop = parsed
             .dropped
             .first()
             .map_or_else(|| "no metric families".to_string(), |d| d.reason.clone());
-        return Err(ScrapeError::Malformed(why));
+        return Err(ScrapeError::NoFamilies { first_drop });
     }
     let (body, dropped) = shim_body(parsed.families);
     Ok(ScrapedBody {

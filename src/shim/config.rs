@@ -25,14 +25,22 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("configuration file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    /// toml's message names the key and shows the line; it is kept on one line for logs.
+    #[error("configuration file {path}: {}", one_line(source))]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("configuration file {path}: key {key}: {why}")]
     Invalid {
         path: PathBuf,
         key: &'static str,
         why: String,
     },
+}
+
+fn one_line(err: &toml::de::Error) -> String {
+    err.to_string().trim().replace('\n', " | ")
 }
 
 /// How QEMU accelerates the guest.
@@ -207,10 +215,9 @@ impl Config {
 
     /// Parses `text` (read from `path`, which error messages name) and checks the values.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
-            // toml's message names the key and shows the line; keep it on one line for logs.
-            message: err.to_string().trim().replace('\n', " | "),
+            source,
         })?;
         config.source = Some(path.to_path_buf());
         config.validate()?;

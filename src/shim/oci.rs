@@ -28,20 +28,25 @@ const GUEST_FS_TYPES: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    #[error("reading the OCI spec {path}: {message}")]
-    Load { path: String, message: String },
+    #[error("reading the OCI spec {path}: {source}")]
+    Load {
+        path: String,
+        source: oci_spec::OciSpecError,
+    },
     #[error("the OCI spec {path} has no process")]
     NoProcess { path: String },
     #[error("the exec's OCI process: {0}")]
-    ExecProcess(String),
+    ExecProcess(#[source] serde_json::Error),
+    #[error("the exec's OCI process: no args")]
+    ExecProcessWithoutArgs,
 }
 
 /// Loads `<bundle>/config.json`.
 pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
-    Spec::load(&path).map_err(|err| SpecError::Load {
+    Spec::load(&path).map_err(|source| SpecError::Load {
         path: path.display().to_string(),
-        message: err.to_string(),
+        source,
     })
 }
 
@@ -177,10 +182,9 @@ pub fn to_agent_process(process: &Process) -> grpc::Process {
 
 /// The agent's view of the OCI process JSON that containerd sends with an exec.
 pub fn exec_process(json: &[u8]) -> Result<grpc::Process, SpecError> {
-    let process: Process =
-        serde_json::from_slice(json).map_err(|err| SpecError::ExecProcess(err.to_string()))?;
+    let process: Process = serde_json::from_slice(json).map_err(SpecError::ExecProcess)?;
     if process.args().as_deref().unwrap_or_default().is_empty() {
-        return Err(SpecError::ExecProcess("no args".to_string()));
+        return Err(SpecError::ExecProcessWithoutArgs);
     }
     Ok(to_agent_process(&process))
 }

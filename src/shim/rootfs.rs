@@ -12,12 +12,12 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
-    #[error("mounting the container rootfs ({fstype} {source_path}) on {target}: {message}")]
+    #[error("mounting the container rootfs ({fstype} {source_path}) on {target}: {source}")]
     Mount {
         fstype: String,
         source_path: String,
         target: PathBuf,
-        message: String,
+        source: containerd_shim::Error,
     },
     #[error("sharing {from} with the VM at {to}: {source}")]
     Bind {
@@ -48,7 +48,7 @@ pub async fn share(
                 fstype: m.type_.clone(),
                 source_path: m.source.clone(),
                 target: bundle_rootfs.clone(),
-                message: err.to_string(),
+                source: err,
             })?;
     }
     let target = shared_rootfs(shared_dir, container_id);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::config::{self, Config};
-use super::hypervisor::{self, Vm, VmConfig};
+use super::hypervisor::{self, Vm, VmConfig, VmError};
 use super::metrics::launch::{self, SandboxMetrics};
 use super::metrics::registry;
 use super::oci::{GUEST_SHARED_DIR, SHARED_TAG};
@@ -30,8 +30,8 @@ pub enum SandboxError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("sandbox {id}: starting the VM: {message}")]
-    Vm { id: String, message: String },
+    #[error("sandbox {id}: starting the VM: {source}")]
+    Vm { id: String, source: VmError },
     #[error("sandbox {id}: the agent refused CreateSandbox: {source}")]
     CreateSandbox { id: String, source: AgentError },
 }
@@ -57,7 +57,7 @@ impl SandboxDirs {
     }
 }
 
-/// How long bringing the sandbox up took, for logs and benchmarks.
+/// How long bringing the sandbox up took, for the log (benchmarks read it there).
 #[derive(Debug, Clone, Default)]
 pub struct StartTimings {
     pub vm_ready: Duration,
@@ -69,7 +69,6 @@ pub struct Sandbox {
     pub id: String,
     pub dirs: SandboxDirs,
     pub agent: Arc<AgentClient>,
-    pub timings: StartTimings,
     vm: Vm,
     mgmt: Option<MgmtServer>,
 }
@@ -93,11 +92,11 @@ impl Sandbox {
         let started = Instant::now();
         let mut vm = match Vm::start(&vm_config(config, &dirs)).await {
             Ok(vm) => vm,
-            Err(err) => {
+            Err(source) => {
                 remove_dirs(&dirs, id);
                 return Err(SandboxError::Vm {
                     id: id.to_string(),
-                    message: err.to_string(),
+                    source,
                 });
             }
         };
@@ -150,7 +149,6 @@ impl Sandbox {
             id: id.to_string(),
             dirs,
             agent,
-            timings,
             vm,
             mgmt,
         })
@@ -159,11 +157,6 @@ impl Sandbox {
     /// The VMM's pid: what containerd sees as every task's pid.
     pub fn pid(&self) -> u32 {
         u32::try_from(self.vm.pid()).unwrap_or_default()
-    }
-
-    /// How long the VM's boot steps took.
-    pub fn boot_timings(&self) -> hypervisor::BootTimings {
-        self.vm.timings()
     }
 
     /// Tears the sandbox down: guest sandbox, metrics server, VM, and every file of it.
