@@ -64,31 +64,18 @@ fn alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Pids of processes whose command line mentions `needle`.
+/// Pids of processes whose command line mentions the directory `needle`.
 fn processes_mentioning(needle: &Path) -> Vec<i32> {
-    let needle = needle.as_os_str().as_encoded_bytes().to_vec();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|cmd| cmd.windows(needle.len()).any(|w| w == needle.as_slice()))
-                .unwrap_or(false)
-        })
+    support::processes_mentioning(&needle.display().to_string())
+        .into_iter()
+        .map(|(pid, _)| pid)
         .collect()
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    support::proc_field(&format!("/proc/{pid}/status"), "VmRSS")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots the guest image: `make test` runs it (KSM_GUEST_DIR, --include-ignored)"]
 async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
-    let Some(guest) = support::guest_dir() else {
-        return;
-    };
+    let guest = support::guest_dir();
     let _one_vm = VM_LOCK.lock().await;
     kata_shim_metrics::logging::init("warn");
     let dir = short_temp_dir();
@@ -109,11 +96,11 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
         timings.qemu_to_agent,
         timings.accel_probe,
         timings.vsock_daemon,
-        rss_kib(qemu_pid) / 1024
+        support::rss_kib(qemu_pid) / 1024
     );
     assert!(alive(qemu_pid));
     if let Some(pid) = daemon_pid {
-        eprintln!("vsock daemon RSS {} KiB", rss_kib(pid));
+        eprintln!("vsock daemon RSS {} KiB", support::rss_kib(pid));
     }
     match vm.agent_url() {
         AgentUrl::Hvsock { path, port } => {
@@ -214,10 +201,9 @@ fn assert_nothing_left(cfg: &VmConfig) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots the guest image: `make test` runs it (KSM_GUEST_DIR, --include-ignored)"]
 async fn a_vm_that_cannot_boot_fails_clearly_and_leaves_nothing() {
-    let Some(guest) = support::guest_dir() else {
-        return;
-    };
+    let guest = support::guest_dir();
     let _one_vm = VM_LOCK.lock().await;
     let dir = short_temp_dir();
 

@@ -3,6 +3,7 @@
 //! with our code).
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod fake_agent;
 pub mod hvsock_relay;
 pub mod prom;
@@ -247,6 +248,34 @@ pub async fn scrape(run_dir: &Path, id: &str) -> (String, Duration) {
     (out, started.elapsed())
 }
 
+/// Pids of processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    let me = std::process::id() as i32;
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if pid != me && cmdline.contains(needle) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// The resident memory of `pid` in KiB, as /proc/<pid>/status says.
+pub fn rss_kib(pid: i32) -> u64 {
+    proc_field(&format!("/proc/{pid}/status"), "VmRSS")
+}
+
 /// Reads a `Key:   value kB` style field of /proc/<pid>/status or /proc/meminfo (first number).
 pub fn proc_field(file: &str, key: &str) -> u64 {
     let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("read {file}: {e}"));
@@ -296,16 +325,21 @@ pub fn promtool_check(text: &str) -> Result<String, String> {
     }
 }
 
-/// The guest image the VM tests boot (`KSM_GUEST_DIR`, set by `make test`); None, said aloud, without it.
-pub fn guest_dir() -> Option<PathBuf> {
-    match std::env::var_os("KSM_GUEST_DIR") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => {
-            eprintln!(
-                "SKIPPED: KSM_GUEST_DIR is not set (build the guest with `make guest-image` and set \
-                 KSM_GUEST_DIR=build/guest, or run `make test`)"
-            );
-            None
-        }
+/// The guest image the VM tests boot (`KSM_GUEST_DIR`, set by `make test`). A test that asks for it
+/// runs only on purpose, so a missing image is a failure that says what to do, never a skip.
+pub fn guest_dir() -> PathBuf {
+    let Some(dir) = std::env::var_os("KSM_GUEST_DIR").map(PathBuf::from) else {
+        panic!(
+            "KSM_GUEST_DIR is not set: build the guest with `make guest-image` and set \
+             KSM_GUEST_DIR=build/guest, or run `make test`"
+        );
+    };
+    for file in ["vmlinux", "initrd.img"] {
+        assert!(
+            dir.join(file).is_file(),
+            "{} has no {file}: build the guest with `make guest-image`",
+            dir.display()
+        );
     }
+    dir
 }
