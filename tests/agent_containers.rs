@@ -456,8 +456,7 @@ async fn a_terminal_container_runs_on_a_pty() {
     sb.client
         .write_stdin(agent::WriteStreamRequest::of("tty", "", b"abc\n".to_vec()))
         .await
-        .expect("write")
-        .len;
+        .expect("write");
     let out = within(read_to_eof(&sb.client, "tty", false))
         .await
         .expect("output");
