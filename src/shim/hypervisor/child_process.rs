@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use procfs::process::Process;
 use tokio::process::{Child, Command};
 
 use super::VmError;
@@ -51,16 +52,8 @@ pub(super) async fn stop_child(child: &mut Child, what: &str) {
     }
     let state = child
         .id()
-        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .and_then(|stat| {
-            Some(
-                stat.rsplit_once(')')?
-                    .1
-                    .split_whitespace()
-                    .next()?
-                    .to_string(),
-            )
-        })
+        .and_then(|pid| Process::new(i32::try_from(pid).ok()?).ok()?.stat().ok())
+        .map(|stat| stat.state.to_string())
         .unwrap_or_default();
     tracing::warn!("{what} did not exit within {STOP_GRACE:?} (state {state:?}); killing it");
     let _ = child.start_kill();

@@ -2,12 +2,12 @@
 //! the processes they name when those are still ours.
 
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use procfs::process::Process;
 
 use super::child_process::STOP_GRACE;
 use super::state_files::{DAEMON_PID, QEMU_PID};
@@ -54,22 +54,23 @@ pub(super) fn write_pid_file(path: &Path, pid: i32) -> Result<(), VmError> {
         .map_err(|e| VmError::io(format!("writing {}", path.display()), e))
 }
 
+/// Whether the command line of `pid` mentions `state_dir`; false when the process is gone or its
+/// command line unreadable. procfs reads it as UTF-8, so a path that is not UTF-8 never matches
+/// (the state directory is built from the run directory and a containerd id, both UTF-8).
 fn cmdline_mentions(pid: i32, state_dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+    let Some(needle) = state_dir.to_str().filter(|path| !path.is_empty()) else {
         return false;
     };
-    let needle = state_dir.as_os_str().as_bytes();
-    !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
+    let Ok(argv) = Process::new(pid).and_then(|process| process.cmdline()) else {
+        return false;
+    };
+    argv.iter().any(|arg| arg.contains(needle))
 }
 
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let after = stat.rsplit_once(')')?.1.trim_start().to_string();
-            after.chars().next()
-        })
-        .is_some_and(|state| state == 'Z')
+    Process::new(pid)
+        .and_then(|process| process.stat())
+        .is_ok_and(|stat| stat.state == 'Z')
 }
 
 #[cfg(test)]
@@ -87,5 +88,37 @@ mod tests {
         kill_leftovers(&state).unwrap();
         assert!(!state.exists());
         kill_leftovers(&state).unwrap();
+    }
+
+    #[test]
+    fn leftovers_of_ours_are_killed_without_waiting_out_the_grace_period() {
+        use std::os::unix::process::ExitStatusExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("vm");
+        std::fs::create_dir(&state).unwrap();
+        let console = state.join("console.log");
+        std::fs::write(&console, "boot log").unwrap();
+        // Stands in for the QEMU of a crashed shim: its command line mentions the state directory.
+        let mut qemu = std::process::Command::new("tail")
+            .arg("-f")
+            .arg(&console)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::fs::write(state.join(QEMU_PID), format!("{}\n", qemu.id())).unwrap();
+        let started = std::time::Instant::now();
+        kill_leftovers(&state).unwrap();
+        let took = started.elapsed();
+        let status = qemu.try_wait().unwrap();
+        if status.is_none() {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+        }
+        let status = status.expect("the leftover QEMU is still running");
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+        // Killed but not yet reaped by us, it was a zombie at once: no polling until the deadline.
+        assert!(took < STOP_GRACE, "kill_leftovers took {took:?}");
+        assert!(!state.exists());
     }
 }
