@@ -4,30 +4,42 @@
 //! guest's agent answers a health check) and stopped with [`Vm::stop`]. Every file of a VM lives in
 //! its `state_dir`, so that `shim delete` after a shim crash can clean up with [`kill_leftovers`].
 
-pub mod qemu;
+mod accel;
+mod child_process;
+mod cmdline;
+mod config_checks;
+mod leftovers;
+mod logs;
+mod qmp;
+mod state_files;
+mod vm;
+mod vsock_cid;
 
 use std::io;
+#[cfg(test)]
+use std::path::Path;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use crate::agent_client::RpcDurations;
 
-pub use qemu::{kill_leftovers, kvm_usable, Vm};
+pub use leftovers::kill_leftovers;
+pub use vm::Vm;
 
 /// Kernel parameters every VM gets; [`VmConfig::kernel_params`] is appended.
-pub const BASE_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1";
+pub(crate) const BASE_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1";
 /// What [`VmConfig::kernel_params`] usually holds: `quiet` saves seconds of serial output under TCG.
-pub const DEFAULT_KERNEL_PARAMS: &str = "quiet";
+pub(crate) const DEFAULT_KERNEL_PARAMS: &str = "quiet";
 /// The 9p mount tag of [`VmConfig::share_dir`] (Kata's).
-pub const SHARE_MOUNT_TAG: &str = "kataShared";
+pub(crate) const SHARE_MOUNT_TAG: &str = "kataShared";
 /// The longest unix socket path the kernel takes (`sun_path` is 108 bytes with the final NUL).
-pub const MAX_SOCKET_PATH: usize = 107;
+pub(crate) const MAX_SOCKET_PATH: usize = 107;
 
 /// How QEMU runs guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Accel {
-    /// KVM when [`kvm_usable`] says it really boots a kernel, TCG otherwise.
+    /// KVM when a probe boot shows that it really boots a kernel, TCG otherwise.
     #[default]
     Auto,
     Kvm,
@@ -167,6 +179,16 @@ impl VmError {
             source,
         }
     }
+}
+
+/// A configuration whose kernel and initrd exist (dummy files in `dir`), for unit tests.
+#[cfg(test)]
+fn test_config(dir: &Path) -> VmConfig {
+    let kernel = dir.join("vmlinux");
+    let initrd = dir.join("initrd.img");
+    std::fs::write(&kernel, b"k").unwrap();
+    std::fs::write(&initrd, b"i").unwrap();
+    VmConfig::new(kernel, initrd, dir.to_path_buf(), dir.join("vm"))
 }
 
 #[cfg(test)]

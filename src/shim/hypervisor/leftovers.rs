@@ -1,0 +1,124 @@
+//! Cleaning up after a shim crash: the pid files a VM leaves in its state directory, and killing
+//! the processes they name when those are still ours.
+
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use procfs::process::Process;
+
+use super::child_process::STOP_GRACE;
+use super::state_files::{DAEMON_PID, QEMU_PID};
+use super::VmError;
+
+/// After a shim crash: kills the QEMU and vsock daemon named by the pid files in `state_dir` if
+/// they still are ours (their command line mentions `state_dir`), then removes `state_dir`.
+pub fn kill_leftovers(state_dir: &Path) -> io::Result<()> {
+    if !state_dir.exists() {
+        return Ok(());
+    }
+    for name in [QEMU_PID, DAEMON_PID] {
+        let Some(pid) = read_pid_file(&state_dir.join(name)) else {
+            continue;
+        };
+        if !cmdline_mentions(pid, state_dir) {
+            continue;
+        }
+        let pid = Pid::from_raw(pid);
+        let _ = kill(pid, Signal::SIGKILL);
+        // Wait for it to go (it is not our child: poll).
+        let deadline = std::time::Instant::now() + STOP_GRACE;
+        while kill(pid, None).is_ok() && std::time::Instant::now() < deadline {
+            if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid.as_raw()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    match std::fs::remove_dir_all(state_dir) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
+}
+
+fn read_pid_file(path: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    (pid > 1).then_some(pid)
+}
+
+pub(super) fn write_pid_file(path: &Path, pid: i32) -> Result<(), VmError> {
+    std::fs::write(path, format!("{pid}\n"))
+        .map_err(|e| VmError::io(format!("writing {}", path.display()), e))
+}
+
+/// Whether the command line of `pid` mentions `state_dir`; false when the process is gone or its
+/// command line unreadable. procfs reads it as UTF-8, so a path that is not UTF-8 never matches
+/// (the state directory is built from the run directory and a containerd id, both UTF-8).
+fn cmdline_mentions(pid: i32, state_dir: &Path) -> bool {
+    let Some(needle) = state_dir.to_str().filter(|path| !path.is_empty()) else {
+        return false;
+    };
+    let Ok(argv) = Process::new(pid).and_then(|process| process.cmdline()) else {
+        return false;
+    };
+    argv.iter().any(|arg| arg.contains(needle))
+}
+
+fn is_zombie(pid: i32) -> bool {
+    Process::new(pid)
+        .and_then(|process| process.stat())
+        .is_ok_and(|stat| stat.state == 'Z')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_of_someone_else_are_not_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("vm");
+        std::fs::create_dir(&state).unwrap();
+        // Our own pid: its command line does not mention the state directory.
+        std::fs::write(state.join(QEMU_PID), format!("{}\n", std::process::id())).unwrap();
+        std::fs::write(state.join(DAEMON_PID), "garbage").unwrap();
+        kill_leftovers(&state).unwrap();
+        assert!(!state.exists());
+        kill_leftovers(&state).unwrap();
+    }
+
+    #[test]
+    fn leftovers_of_ours_are_killed_without_waiting_out_the_grace_period() {
+        use std::os::unix::process::ExitStatusExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("vm");
+        std::fs::create_dir(&state).unwrap();
+        let console = state.join("console.log");
+        std::fs::write(&console, "boot log").unwrap();
+        // Stands in for the QEMU of a crashed shim: its command line mentions the state directory.
+        let mut qemu = std::process::Command::new("tail")
+            .arg("-f")
+            .arg(&console)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::fs::write(state.join(QEMU_PID), format!("{}\n", qemu.id())).unwrap();
+        let started = std::time::Instant::now();
+        kill_leftovers(&state).unwrap();
+        let took = started.elapsed();
+        let status = qemu.try_wait().unwrap();
+        if status.is_none() {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+        }
+        let status = status.expect("the leftover QEMU is still running");
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+        // Killed but not yet reaped by us, it was a zombie at once: no polling until the deadline.
+        assert!(took < STOP_GRACE, "kill_leftovers took {took:?}");
+        assert!(!state.exists());
+    }
+}
