@@ -1058,7 +1058,11 @@ fn absorb(
 mod tests {
     use super::*;
 
-    const PAYLOAD: &str = "/work/shared/bench/shim-payload.txt";
+    /// A recorded shim body (64,760 bytes, 65 families, 881 samples).
+    const PAYLOAD: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/shim-payload.txt"
+    ));
 
     fn parse_ok(text: &str) -> Exposition {
         match parse(text, &Limits::default()) {
@@ -1202,11 +1206,8 @@ mod tests {
 
     #[test]
     fn shim_payload_parses_clean_and_round_trips() {
-        let Ok(text) = std::fs::read_to_string(PAYLOAD) else {
-            eprintln!("{PAYLOAD} missing, skipped");
-            return;
-        };
-        let parsed = parse_ok(&text);
+        let text = PAYLOAD;
+        let parsed = parse_ok(text);
         assert!(parsed.dropped.is_empty(), "{:#?}", parsed.dropped);
         assert_eq!(parsed.families.len(), 65);
         let samples: usize = parsed.families.iter().map(|f| f.samples.len()).sum();
@@ -1540,7 +1541,7 @@ lname{abcdefghi=\"1\"} 1
 
     #[test]
     fn never_panics_on_garbage() {
-        let real = std::fs::read_to_string(PAYLOAD).unwrap_or_else(|_| encoded(&all_kinds()));
+        let real = PAYLOAD;
         let tight = Limits {
             max_labels_per_sample: 3,
             max_label_value_bytes: 8,
@@ -1659,9 +1660,7 @@ lname{abcdefghi=\"1\"} 1
 
     #[test]
     fn merge_many_sandboxes() {
-        let Ok(text) = std::fs::read_to_string(PAYLOAD) else {
-            return;
-        };
+        let text = PAYLOAD;
         let parsed = parse_ok(&text);
         let groups: Vec<Vec<Family>> = (0..20)
             .map(|i| {
@@ -1695,9 +1694,7 @@ lname{abcdefghi=\"1\"} 1
     #[test]
     #[ignore]
     fn time_payload() {
-        let Ok(text) = std::fs::read_to_string(PAYLOAD) else {
-            return;
-        };
+        let text = PAYLOAD;
         let start = std::time::Instant::now();
         let rounds = 200;
         for _ in 0..rounds {
