@@ -1,4 +1,4 @@
-//! Prometheus text exposition (format 0.0.4): parse, validate, relabel, merge and encode (no I/O).
+//! Prometheus text exposition (format 0.0.4): parse, validate, relabel and encode (no I/O).
 //!
 //! The text usually comes from the guest, so parsing is strict and defensive: a bad line costs only
 //! the family it belongs to (recorded in [`Exposition::dropped`]), whole-input limits refuse the
@@ -186,7 +186,6 @@ struct Parser<'l> {
     /// Finished family name -> (slot, type), to catch families that come back later.
     finished: HashMap<String, (usize, MetricType)>,
     current: Option<Builder>,
-    hasher: RandomState,
     series: SeriesIndex,
     samples_seen: usize,
 }
@@ -198,7 +197,6 @@ impl<'l> Parser<'l> {
             slots: Vec::new(),
             finished: HashMap::new(),
             current: None,
-            hasher: RandomState::new(),
             series: SeriesIndex::default(),
             samples_seen: 0,
         }
@@ -273,13 +271,14 @@ impl<'l> Parser<'l> {
             return;
         }
         match parse_sample(name, rest, self.limits).and_then(|s| check_sample(builder, s)) {
-            Ok(sample) => match self.series.check(&self.hasher, &builder.samples, &sample) {
-                Ok(()) => builder.samples.push(sample),
-                Err(_) => {
+            Ok(sample) => {
+                if self.series.is_new(&builder.samples, &sample) {
+                    builder.samples.push(sample);
+                } else {
                     let series = series_text(&sample);
                     builder.fail(format!("line {n}: duplicate series {series}"));
                 }
-            },
+            }
             Err(why) => builder.fail(format!("line {n}: {why}")),
         }
     }
@@ -723,7 +722,7 @@ fn clip(s: &str, max: usize) -> &str {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Series identity (shared by parse and merge)
+// Series identity
 // ---------------------------------------------------------------------------------------------
 
 /// Two samples are the same series when name and label set match (label order does not matter).
@@ -778,6 +777,8 @@ impl Hasher for PassThrough {
 /// Finds repeated series among the samples of one family in O(1) per sample.
 #[derive(Default)]
 struct SeriesIndex {
+    hasher: RandomState,
+    /// Series hash -> index of the first sample with it.
     first: HashMap<u64, usize, BuildHasherDefault<PassThrough>>,
 }
 
@@ -786,27 +787,19 @@ impl SeriesIndex {
         self.first.clear();
     }
 
-    /// `Ok` if `s` is new (the caller then pushes it onto `existing`), else the earlier index.
-    fn check(
-        &mut self,
-        hasher: &RandomState,
-        existing: &[Sample],
-        s: &Sample,
-    ) -> Result<(), usize> {
-        match self.first.entry(series_hash(hasher, s)) {
+    /// Whether `s` is a new series (the caller then pushes it onto `existing`).
+    fn is_new(&mut self, existing: &[Sample], s: &Sample) -> bool {
+        match self.first.entry(series_hash(&self.hasher, s)) {
             Entry::Vacant(e) => {
                 e.insert(existing.len());
-                Ok(())
+                true
             }
             Entry::Occupied(e) => {
                 if existing.get(*e.get()).is_some_and(|o| same_series(o, s)) {
-                    return Err(*e.get());
+                    return false;
                 }
                 // A real hash collision (practically never): fall back to a scan.
-                match existing.iter().position(|o| same_series(o, s)) {
-                    Some(i) => Err(i),
-                    None => Ok(()),
-                }
+                !existing.iter().any(|o| same_series(o, s))
             }
         }
     }
@@ -912,7 +905,7 @@ pub fn write_value(v: f64, out: &mut String) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Relabelling and merging
+// Relabelling
 // ---------------------------------------------------------------------------------------------
 
 impl Family {
@@ -930,127 +923,8 @@ impl Family {
         true
     }
 
-    /// Sets `name="value"` on every sample, replacing an existing value.
-    pub fn set_label(&mut self, name: &str, value: &str) {
-        for sample in &mut self.samples {
-            match sample.labels.iter_mut().find(|(k, _)| k == name) {
-                Some((_, v)) => {
-                    v.clear();
-                    v.push_str(value);
-                }
-                None => sample.labels.push((name.to_string(), value.to_string())),
-            }
-        }
-    }
-
     pub fn has_label(&self, name: &str) -> bool {
         self.samples.iter().any(|s| s.label(name).is_some())
-    }
-}
-
-/// One output family of [`merge`] and the series it already holds.
-struct Merged {
-    family: Family,
-    series: SeriesIndex,
-}
-
-/// Merges same-named families from several sources into one family each, sorted by name.
-///
-/// The first TYPE seen wins (conflicting families are dropped), the first non-empty HELP wins,
-/// and a series repeated in a later source is dropped (one [`Dropped`] per family and source).
-pub fn merge(groups: Vec<Vec<Family>>) -> (Vec<Family>, Vec<Dropped>) {
-    let hasher = RandomState::new();
-    // First pass, names and sizes only: every output family is allocated once, at full size.
-    let mut by_name: HashMap<&str, usize> = HashMap::new();
-    let mut merged: Vec<Merged> = Vec::new();
-    let mut sizes: Vec<usize> = Vec::new();
-    for family in groups.iter().flatten() {
-        let i = *by_name.entry(family.name.as_str()).or_insert_with(|| {
-            merged.push(Merged::empty_like(family));
-            sizes.push(0);
-            merged.len() - 1
-        });
-        sizes[i] += family.samples.len();
-    }
-    for (m, size) in merged.iter_mut().zip(sizes) {
-        m.family.samples.reserve_exact(size);
-        m.series.first.reserve(size);
-    }
-    let slots: HashMap<String, usize> = by_name
-        .into_iter()
-        .map(|(name, i)| (name.to_string(), i))
-        .collect();
-
-    let mut dropped = Vec::new();
-    for (source, group) in groups.into_iter().enumerate() {
-        for family in group {
-            if let Some(&i) = slots.get(&family.name) {
-                absorb(&mut merged[i], family, source, &hasher, &mut dropped);
-            }
-        }
-    }
-    let mut families: Vec<Family> = merged.into_iter().map(|m| m.family).collect();
-    families.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-    (families, dropped)
-}
-
-impl Merged {
-    /// An empty family with the name and type of the first source that has it.
-    fn empty_like(family: &Family) -> Self {
-        Merged {
-            family: Family {
-                name: family.name.clone(),
-                help: String::new(),
-                kind: family.kind,
-                samples: Vec::new(),
-            },
-            series: SeriesIndex::default(),
-        }
-    }
-}
-
-/// Adds one source's family to the merged one.
-fn absorb(
-    into: &mut Merged,
-    family: Family,
-    source: usize,
-    hasher: &RandomState,
-    dropped: &mut Vec<Dropped>,
-) {
-    let target = &mut into.family;
-    if family.kind != target.kind {
-        dropped.push(Dropped {
-            reason: format!(
-                "source {source}: {} has TYPE {}, but {} was seen first",
-                family.name,
-                family.kind.as_str(),
-                target.kind.as_str()
-            ),
-            family: family.name,
-        });
-        return;
-    }
-    if target.help.is_empty() {
-        target.help = family.help;
-    }
-    let mut repeated = 0usize;
-    let mut example = None;
-    for sample in family.samples {
-        match into.series.check(hasher, &target.samples, &sample) {
-            Ok(()) => target.samples.push(sample),
-            Err(_) => {
-                repeated += 1;
-                example.get_or_insert_with(|| series_text(&sample));
-            }
-        }
-    }
-    if let Some(example) = example {
-        dropped.push(Dropped {
-            family: family.name,
-            reason: format!(
-                "source {source}: {repeated} series repeat earlier ones (e.g. {example})"
-            ),
-        });
     }
 }
 
@@ -1602,107 +1476,10 @@ lname{abcdefghi=\"1\"} 1
         assert_eq!(f.name, "kata_agent_go_gc_seconds");
         assert_eq!(f.samples[1].name, "kata_agent_go_gc_seconds_sum");
         assert!(!f.has_label("sandbox_id"));
-        assert!(f.has_label("quantile"));
-        f.set_label("sandbox_id", "abc");
-        f.set_label("sandbox_id", "def");
-        f.set_label("quantile", "0.9");
-        assert!(f.has_label("sandbox_id"));
-        assert_eq!(f.samples[0].labels.len(), 2);
-        assert_eq!(f.samples[0].label("sandbox_id"), Some("def"));
-        assert_eq!(f.samples[0].label("quantile"), Some("0.9"));
-        // set_label applies to every sample, _sum included.
-        assert_eq!(f.samples[1].labels.len(), 2);
-    }
-
-    #[test]
-    fn merge_sources() {
-        let mut a = family(
-            "m_b",
-            MetricType::Gauge,
-            vec![sample("m_b", &[("s", "1")], 1.0)],
+        assert!(
+            f.has_label("quantile"),
+            "one sample with the label is enough"
         );
-        a.help = String::new();
-        let c1 = family(
-            "m_a",
-            MetricType::Counter,
-            vec![sample("m_a", &[("s", "1")], 1.0)],
-        );
-        let b = family(
-            "m_b",
-            MetricType::Gauge,
-            vec![
-                sample("m_b", &[("s", "2")], 2.0),
-                sample("m_b", &[("s", "1")], 9.0),
-                sample("m_b", &[("s", "3")], 3.0),
-            ],
-        );
-        let conflicting = family(
-            "m_a",
-            MetricType::Gauge,
-            vec![sample("m_a", &[("s", "2")], 2.0)],
-        );
-        let (merged, dropped) = merge(vec![vec![a, c1], vec![b, conflicting], vec![]]);
-        assert_eq!(merged.len(), 2);
-        assert_eq!(merged[0].name, "m_a");
-        assert_eq!(merged[0].kind, MetricType::Counter);
-        assert_eq!(merged[0].samples.len(), 1);
-        assert_eq!(merged[1].help, "help for m_b", "first non-empty help wins");
-        let values: Vec<f64> = merged[1].samples.iter().map(|s| s.value).collect();
-        assert_eq!(values, [1.0, 2.0, 3.0], "first series kept, source order");
-        assert_eq!(dropped.len(), 2, "{dropped:?}");
-        assert!(dropped
-            .iter()
-            .any(|d| d.family == "m_b" && d.reason.contains("1 series repeat")));
-        assert!(dropped
-            .iter()
-            .any(|d| d.family == "m_a" && d.reason.contains("TYPE gauge")));
-    }
-
-    #[test]
-    fn merge_many_sandboxes() {
-        let text = PAYLOAD;
-        let parsed = parse_ok(&text);
-        let groups: Vec<Vec<Family>> = (0..20)
-            .map(|i| {
-                let mut fams = parsed.families.clone();
-                for f in &mut fams {
-                    f.set_label("sandbox_id", &format!("sb{i}"));
-                }
-                fams
-            })
-            .collect();
-        let total: usize = parsed.families.iter().map(|f| f.samples.len()).sum();
-        let (merged, dropped) = merge(groups);
-        assert!(dropped.is_empty());
-        assert_eq!(merged.len(), parsed.families.len());
-        assert_eq!(
-            merged.iter().map(|f| f.samples.len()).sum::<usize>(),
-            total * 20
-        );
-        assert!(merged.windows(2).all(|w| w[0].name < w[1].name));
-        let big = Limits {
-            max_bytes: 1 << 30,
-            max_samples: usize::MAX,
-            ..Limits::default()
-        };
-        let e = parse(&encoded(&merged), &big).unwrap_or_default();
-        assert!(e.dropped.is_empty());
-        assert_eq!(e.families.len(), merged.len());
-    }
-
-    /// Prints parse+encode time of the payload; run with `--release --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn time_payload() {
-        let text = PAYLOAD;
-        let start = std::time::Instant::now();
-        let rounds = 200;
-        for _ in 0..rounds {
-            let e = parse_ok(&text);
-            let mut out = String::with_capacity(text.len());
-            encode(&e.families, &mut out);
-            std::hint::black_box(out);
-        }
-        eprintln!("parse+encode: {:?} per payload", start.elapsed() / rounds);
+        assert_eq!(f.samples[1].label("quantile"), None);
     }
 }
