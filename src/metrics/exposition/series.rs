@@ -95,3 +95,34 @@ pub(super) fn series_text(s: &Sample) -> String {
     write_labels(&s.labels, &mut out);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::exposition::test_support::sample;
+
+    #[test]
+    fn label_order_does_not_make_a_new_series() {
+        let mut index = SeriesIndex::default();
+        let first = sample("x", &[("a", "1"), ("b", "2")], 1.0);
+        assert!(index.is_new(&[], &first));
+        let reordered = sample("x", &[("b", "2"), ("a", "1")], 2.0);
+        assert!(!index.is_new(std::slice::from_ref(&first), &reordered));
+        let other = sample("x", &[("a", "1"), ("b", "3")], 3.0);
+        assert!(index.is_new(std::slice::from_ref(&first), &other));
+    }
+
+    #[test]
+    fn a_hash_collision_is_not_taken_for_a_repeat() {
+        let mut index = SeriesIndex::default();
+        let first = sample("x", &[("a", "1")], 1.0);
+        assert!(index.is_new(&[], &first));
+        let existing = [first];
+        // Pretend `other` hashes like the first sample: the index must compare the series.
+        let other = sample("x", &[("a", "2")], 2.0);
+        let collided = series_hash(&index.hasher, &other);
+        index.first.insert(collided, 0);
+        assert!(index.is_new(&existing, &other));
+        assert!(!index.is_new(&existing, &existing[0]));
+    }
+}
