@@ -1,7 +1,7 @@
 //! kata-monitor aggregate scrape of N sandboxes: latency p50/p99 and the monitor's peak RSS.
 //!
 //! The N "shims" are light: this process serves every `<run dir>/<id>/shim-monitor.sock` itself,
-//! each answering `/metrics` with a recorded shim body (shared/bench/shim-payload.txt, or
+//! each answering `/metrics` with a recorded shim body (tests/data/shim-payload.txt, or
 //! `KATA_BENCH_PAYLOAD`) and `/pod-labels` with a pod identity. The monitor is the real binary.
 //!
 //! `cargo bench --bench monitor` (optionally `-- 10 100` to choose N).
@@ -33,14 +33,7 @@ fn payload_path() -> PathBuf {
     if let Some(path) = std::env::var_os("KATA_BENCH_PAYLOAD") {
         return PathBuf::from(path);
     }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    [
-        manifest.join("../shared/bench/shim-payload.txt"),
-        PathBuf::from("/work/shared/bench/shim-payload.txt"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .unwrap_or_else(|| panic!("shim-payload.txt not found; set KATA_BENCH_PAYLOAD"))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/shim-payload.txt")
 }
 
 /// A sandbox id shaped like containerd's (64 hex digits).

@@ -1,0 +1,122 @@
+//! The encoder: families back to text format 0.0.4, and the pieces kata-monitor writes itself
+//! (label values, sample values).
+
+use std::fmt::Write as _;
+
+use super::Family;
+
+/// Appends families in text format 0.0.4 (HELP only when there is help text).
+pub(crate) fn encode(families: &[Family], out: &mut String) {
+    for family in families {
+        encode_family(family, out);
+    }
+}
+
+fn encode_family(family: &Family, out: &mut String) {
+    if !family.help.is_empty() {
+        out.push_str("# HELP ");
+        out.push_str(&family.name);
+        out.push(' ');
+        escape_into(&family.help, false, out);
+        out.push('\n');
+    }
+    out.push_str("# TYPE ");
+    out.push_str(&family.name);
+    out.push(' ');
+    out.push_str(family.kind.as_str());
+    out.push('\n');
+    for sample in &family.samples {
+        out.push_str(&sample.name);
+        write_labels(&sample.labels, out);
+        out.push(' ');
+        write_value(sample.value, out);
+        if let Some(ts) = sample.timestamp_ms {
+            let _ = write!(out, " {ts}");
+        }
+        out.push('\n');
+    }
+}
+
+pub(super) fn write_labels(labels: &[(String, String)], out: &mut String) {
+    if labels.is_empty() {
+        return;
+    }
+    out.push('{');
+    for (i, (name, value)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(name);
+        out.push_str("=\"");
+        escape_into(value, true, out);
+        out.push('"');
+    }
+    out.push('}');
+}
+
+/// Escapes `\` and newline, and `"` too inside label values.
+fn escape_into(s: &str, quote: bool, out: &mut String) {
+    let special = |c: char| c == '\\' || c == '\n' || (quote && c == '"');
+    if !s.contains(special) {
+        out.push_str(s);
+        return;
+    }
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quote => out.push_str("\\\""),
+            _ => out.push(c),
+        }
+    }
+}
+
+/// A label value as it goes between the quotes.
+pub(crate) fn escape_label_value(value: &str, out: &mut String) {
+    escape_into(value, true, out);
+}
+
+/// Shortest text that parses back to the same value (as Prometheus writes it: `+Inf`, `NaN`...).
+pub(crate) fn write_value(v: f64, out: &mut String) {
+    if v.is_nan() {
+        out.push_str("NaN");
+    } else if v.is_infinite() {
+        out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
+    } else if v == 0.0 && v.is_sign_negative() {
+        out.push_str("-0");
+    } else if v.fract() == 0.0 && v.abs() < 1e15 {
+        // Integral: print without ".0", exact since |v| < 2^53.
+        let _ = write!(out, "{}", v as i64);
+    } else {
+        // Debug is the shortest round-tripping form and switches to exponents for extremes.
+        let _ = write!(out, "{v:?}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::exposition::test_support::{encoded, family, sample};
+    use crate::metrics::exposition::MetricType;
+
+    #[test]
+    fn encode_format() {
+        let mut f = family(
+            "x",
+            MetricType::Untyped,
+            vec![sample("x", &[("a", "q\"b\\n\n"), ("b", "")], 2.0)],
+        );
+        f.help = "h\\i\nj \"k\"".to_string();
+        f.samples[0].timestamp_ms = Some(-5);
+        assert_eq!(
+            encoded(&[f]),
+            "# HELP x h\\\\i\\nj \"k\"\n# TYPE x untyped\nx{a=\"q\\\"b\\\\n\\n\",b=\"\"} 2 -5\n"
+        );
+        let mut out = String::new();
+        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.5, 1e21, 3.0] {
+            write_value(v, &mut out);
+            out.push(' ');
+        }
+        assert_eq!(out, "NaN +Inf -Inf 0.5 1e21 3 ");
+    }
+}

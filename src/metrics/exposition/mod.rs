@@ -1,0 +1,189 @@
+//! Prometheus text exposition (format 0.0.4): the model, and parse, validate, relabel and encode
+//! (no I/O).
+//!
+//! The text usually comes from the guest, so parsing is strict and defensive: a bad line costs only
+//! the family it belongs to (recorded in `Exposition::dropped`), whole-input limits refuse the
+//! text outright, and nothing here panics on any input. `parse` groups lines into families
+//! (`syntax` reads one line, `float` its value, `series` finds repeated series); `encode` writes
+//! families back.
+
+mod encode;
+mod float;
+mod parse;
+#[cfg(test)]
+mod round_trip;
+mod series;
+mod syntax;
+#[cfg(test)]
+mod test_support;
+
+pub(crate) use encode::{encode, escape_label_value, write_value};
+pub(crate) use parse::parse;
+
+/// Labels only the host may set: kata-monitor appends them to every sandbox series, so neither a
+/// guest nor a shim may fill them.
+pub(crate) const HOST_LABELS: [&str; 4] = ["sandbox_id", "cri_uid", "cri_name", "cri_namespace"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricType {
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    Untyped,
+}
+
+impl MetricType {
+    /// The word used on `# TYPE` lines.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            MetricType::Counter => "counter",
+            MetricType::Gauge => "gauge",
+            MetricType::Histogram => "histogram",
+            MetricType::Summary => "summary",
+            MetricType::Untyped => "untyped",
+        }
+    }
+
+    fn from_word(word: &str) -> Option<Self> {
+        Some(match word {
+            "counter" => MetricType::Counter,
+            "gauge" => MetricType::Gauge,
+            "histogram" => MetricType::Histogram,
+            "summary" => MetricType::Summary,
+            "untyped" => MetricType::Untyped,
+            _ => return None,
+        })
+    }
+
+    /// Whether a sample called `sample` belongs to a family of this type called `family`.
+    fn owns(self, family: &str, sample: &str) -> bool {
+        if sample == family {
+            return true;
+        }
+        let Some(suffix) = sample.strip_prefix(family) else {
+            return false;
+        };
+        match self {
+            MetricType::Histogram => matches!(suffix, "_bucket" | "_sum" | "_count"),
+            MetricType::Summary => matches!(suffix, "_sum" | "_count"),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Sample {
+    pub(crate) name: String,
+    pub(crate) labels: Vec<(String, String)>,
+    pub(crate) value: f64,
+    pub(crate) timestamp_ms: Option<i64>,
+}
+
+impl Sample {
+    pub(crate) fn label(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Family {
+    pub(crate) name: String,
+    pub(crate) help: String,
+    pub(crate) kind: MetricType,
+    pub(crate) samples: Vec<Sample>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_bytes: usize,
+    pub(crate) max_samples: usize,
+    pub(crate) max_labels_per_sample: usize,
+    pub(crate) max_label_value_bytes: usize,
+    pub(crate) max_name_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1 << 20,
+            max_samples: 20000,
+            max_labels_per_sample: 32,
+            max_label_value_bytes: 1024,
+            max_name_bytes: 256,
+        }
+    }
+}
+
+/// A family left out of the result, and why.
+#[derive(Debug, Clone)]
+pub struct Dropped {
+    pub(crate) family: String,
+    pub(crate) reason: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Exposition {
+    pub(crate) families: Vec<Family>,
+    pub(crate) dropped: Vec<Dropped>,
+}
+
+/// Refusals of the whole input; everything finer-grained is a [`Dropped`] family.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ExpositionError {
+    #[error("exposition text too large: {size} bytes > {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("exposition text has more than {limit} samples")]
+    TooManySamples { limit: usize },
+}
+
+impl Family {
+    /// Replaces the name prefix `from` with `to` on the family and its samples.
+    pub(crate) fn rename_prefix(&mut self, from: &str, to: &str) -> bool {
+        let Some(rest) = self.name.strip_prefix(from) else {
+            return false;
+        };
+        self.name = format!("{to}{rest}");
+        for sample in &mut self.samples {
+            if let Some(rest) = sample.name.strip_prefix(from) {
+                sample.name = format!("{to}{rest}");
+            }
+        }
+        true
+    }
+
+    pub(crate) fn has_label(&self, name: &str) -> bool {
+        self.samples.iter().any(|s| s.label(name).is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{family, sample};
+    use super::*;
+
+    #[test]
+    fn relabel_helpers() {
+        let mut f = family(
+            "go_gc_seconds",
+            MetricType::Summary,
+            vec![
+                sample("go_gc_seconds", &[("quantile", "0.5")], 1.0),
+                sample("go_gc_seconds_sum", &[], 1.0),
+            ],
+        );
+        assert!(!f.rename_prefix("process_", "kata_agent_process_"));
+        assert!(f.rename_prefix("go_", "kata_agent_go_"));
+        assert_eq!(f.name, "kata_agent_go_gc_seconds");
+        assert_eq!(f.samples[1].name, "kata_agent_go_gc_seconds_sum");
+        assert!(!f.has_label("sandbox_id"));
+        assert!(
+            f.has_label("quantile"),
+            "one sample with the label is enough"
+        );
+        assert_eq!(f.samples[1].label("quantile"), None);
+    }
+}

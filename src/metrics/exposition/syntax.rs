@@ -1,0 +1,265 @@
+//! The syntax of one line: metric and label names, label sets and their escapes, a sample's value
+//! and timestamp, HELP text escapes. Each reader says why a line is bad; the parser decides what
+//! that costs.
+
+use super::float::parse_float;
+use super::{Limits, Sample};
+
+/// Parses what follows the metric name: `{labels}`, value, optional timestamp.
+pub(super) fn parse_sample(name: &str, rest: &str, limits: &Limits) -> Result<Sample, String> {
+    if name.len() > limits.max_name_bytes {
+        return Err("metric name longer than limit".to_string());
+    }
+    let mut labels = Vec::new();
+    let rest = match rest.strip_prefix('{') {
+        Some(inside) => parse_labels(inside, limits, &mut labels)?,
+        None => rest,
+    };
+    let rest = rest.trim_start_matches([' ', '\t']);
+    let (value, rest) = split_token(rest);
+    let value = parse_float(value).ok_or_else(|| format!("invalid value {:?}", clip(value, 32)))?;
+    let (ts, rest) = split_token(rest.trim_start_matches([' ', '\t']));
+    let timestamp_ms = if ts.is_empty() {
+        None
+    } else {
+        Some(
+            ts.parse::<i64>()
+                .map_err(|_| format!("invalid timestamp {:?}", clip(ts, 32)))?,
+        )
+    };
+    if !rest.trim_matches([' ', '\t']).is_empty() {
+        return Err("unexpected text after the timestamp".to_string());
+    }
+    Ok(Sample {
+        name: name.to_string(),
+        labels,
+        value,
+        timestamp_ms,
+    })
+}
+
+/// Parses `name="value",...}` (the `{` already consumed) and returns the text after `}`.
+fn parse_labels<'a>(
+    mut s: &'a str,
+    limits: &Limits,
+    labels: &mut Vec<(String, String)>,
+) -> Result<&'a str, String> {
+    loop {
+        s = s.trim_start_matches([' ', '\t']);
+        if let Some(after) = s.strip_prefix('}') {
+            return Ok(after);
+        }
+        if s.is_empty() {
+            return Err("unterminated label set".to_string());
+        }
+        let end = s
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(s.len());
+        let (name, after) = s.split_at(end);
+        check_label_name(name, limits, labels)?;
+        let after = after.trim_start_matches([' ', '\t']);
+        let after = after
+            .strip_prefix('=')
+            .ok_or_else(|| format!("label {name} lacks '='"))?
+            .trim_start_matches([' ', '\t']);
+        let after = after
+            .strip_prefix('"')
+            .ok_or_else(|| format!("label {name} value is not quoted"))?;
+        let (value, after) = parse_label_value(after)?;
+        if value.len() > limits.max_label_value_bytes {
+            return Err(format!("label {name} value longer than limit"));
+        }
+        if labels.len() >= limits.max_labels_per_sample {
+            return Err(format!("more than {} labels", limits.max_labels_per_sample));
+        }
+        labels.push((name.to_string(), value));
+        s = after.trim_start_matches([' ', '\t']);
+        if let Some(next) = s.strip_prefix(',') {
+            s = next;
+        } else if !s.starts_with('}') {
+            return Err("expected ',' or '}' after a label".to_string());
+        }
+    }
+}
+
+fn check_label_name(
+    name: &str,
+    limits: &Limits,
+    labels: &[(String, String)],
+) -> Result<(), String> {
+    if !is_label_name(name) {
+        return Err("invalid or missing label name".to_string());
+    }
+    if name.starts_with("__") {
+        return Err(format!(
+            "label name {} is reserved (starts with __)",
+            clip(name, 64)
+        ));
+    }
+    if name.len() > limits.max_name_bytes {
+        return Err("label name longer than limit".to_string());
+    }
+    if labels.iter().any(|(k, _)| k == name) {
+        return Err(format!("label {name} appears twice"));
+    }
+    Ok(())
+}
+
+/// Reads a quoted label value (after the opening quote) up to the closing quote.
+fn parse_label_value(s: &str) -> Result<(String, &str), String> {
+    let end = s
+        .find(['"', '\\'])
+        .ok_or_else(|| "unterminated label value".to_string())?;
+    // Fast path: no escapes at all.
+    if s[end..].starts_with('"') {
+        return Ok((s[..end].to_string(), &s[end + 1..]));
+    }
+    let mut value = String::with_capacity(s.len().min(64));
+    let mut chars = s.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Ok((value, &s[i + 1..])),
+            '\\' => match chars.next() {
+                Some((_, '\\')) => value.push('\\'),
+                Some((_, '"')) => value.push('"'),
+                Some((_, 'n')) => value.push('\n'),
+                Some((_, other)) => {
+                    return Err(format!(
+                        "invalid escape \\{} in label value",
+                        other.escape_debug()
+                    ))
+                }
+                None => break,
+            },
+            _ => value.push(c),
+        }
+    }
+    Err("unterminated label value".to_string())
+}
+
+/// HELP text allows only `\\` and `\n` escapes.
+pub(super) fn unescape_help(text: &str) -> Result<String, String> {
+    if !text.contains('\\') {
+        return Ok(text.to_string());
+    }
+    let mut help = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            help.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('\\') => help.push('\\'),
+            Some('n') => help.push('\n'),
+            Some(other) => {
+                return Err(format!("invalid escape \\{} in HELP", other.escape_debug()))
+            }
+            None => return Err("HELP ends with a lone backslash".to_string()),
+        }
+    }
+    Ok(help)
+}
+
+/// Splits at the first space or tab.
+pub(super) fn split_token(s: &str) -> (&str, &str) {
+    let end = s.find([' ', '\t']).unwrap_or(s.len());
+    s.split_at(end)
+}
+
+/// Splits a sample line after its metric name.
+pub(super) fn split_name(s: &str) -> (&str, &str) {
+    let end = s.find(['{', ' ', '\t']).unwrap_or(s.len());
+    s.split_at(end)
+}
+
+/// `[a-zA-Z_:][a-zA-Z0-9_:]*`
+pub(super) fn is_metric_name(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_' || b == b':')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+}
+
+/// `[a-zA-Z_][a-zA-Z0-9_]*`
+fn is_label_name(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary (for messages about hostile text).
+pub(super) fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::metrics::exposition::test_support::parse_ok;
+
+    #[test]
+    fn values_and_timestamps() {
+        let text = "\
+a{x=\"1\"} NaN
+a{x=\"2\"} +Inf
+a{x=\"3\"} -Inf
+a{x=\"4\"} 1.5e3
+a{x=\"5\"} -2E-2
+a{x=\"6\"} .5
+a{x=\"7\"} 7.
+a{x=\"8\"} Inf
+a{x=\"9\"} +3 1700000000000
+a{x=\"10\"}\t10\t-1 \t
+a{x=\"11\"}11
+a{x=\"12\"} 0x1.8p1
+a{x=\"13\"} -0X10P-4
+a{x=\"14\"} -infinity
+a{x=\"15\"} 1e-400
+";
+        let e = parse_ok(text);
+        assert!(e.dropped.is_empty(), "{:?}", e.dropped);
+        let v: Vec<f64> = e.families[0].samples.iter().map(|s| s.value).collect();
+        assert!(v[0].is_nan());
+        assert_eq!(
+            &v[1..],
+            [
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+                1500.0,
+                -0.02,
+                0.5,
+                7.0,
+                f64::INFINITY,
+                3.0,
+                10.0,
+                11.0,
+                3.0,
+                -1.0,
+                f64::NEG_INFINITY,
+                0.0
+            ]
+        );
+        assert_eq!(
+            e.families[0].samples[8].timestamp_ms,
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(e.families[0].samples[9].timestamp_ms, Some(-1));
+    }
+
+    #[test]
+    fn escapes_in_label_values_and_help() {
+        let text = "# HELP e a\\\\b\\nc\ne{v=\"q\\\"\\\\\\n end\",w = \"x\" ,} 1\n";
+        let e = parse_ok(text);
+        assert!(e.dropped.is_empty(), "{:?}", e.dropped);
+        assert_eq!(e.families[0].help, "a\\b\nc");
+        let labels = &e.families[0].samples[0].labels;
+        assert_eq!(labels[0], ("v".to_string(), "q\"\\\n end".to_string()));
+        assert_eq!(labels[1], ("w".to_string(), "x".to_string()));
+    }
+}
