@@ -5,11 +5,11 @@
 //! agent comes up (and can be asked what is missing) whenever its vsock transport loaded.
 //! Reaping: see `guest::reaper` (it owns waitpid for container processes; nothing here waits).
 //!
-//! - [`mounts`]: /proc, /sys, /dev and the rest of the base filesystems;
-//! - [`console`]: stdio on /dev/console;
-//! - [`modules`]: the kernel modules listed in the initramfs' load-order file;
-//! - [`network`]: lo and eth0 up, eth0's address and the default route (QEMU user networking);
-//! - [`hostname`]: the hostname from /etc/hostname.
+//! - `mounts`: /proc, /sys, /dev and the rest of the base filesystems;
+//! - `console`: stdio on /dev/console;
+//! - `modules`: the kernel modules listed in the initramfs' load-order file;
+//! - `network`: lo and eth0 up, eth0's address and the default route (QEMU user networking);
+//! - `hostname`: the hostname from /etc/hostname.
 
 mod console;
 mod hostname;
