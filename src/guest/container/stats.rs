@@ -8,6 +8,8 @@
 use std::path::Path;
 
 use nix::unistd::Pid;
+use procfs::net::DeviceStatus;
+use procfs::process::Process;
 
 use crate::protocols::agent;
 
@@ -15,15 +17,15 @@ const NANOS_PER_USEC: u64 = 1000;
 
 /// Everything StatsContainer answers for a container whose cgroup is `cgroup` (if any) and whose
 /// init is `init`.
-pub fn container_stats(cgroup: Option<&Path>, init: Pid) -> agent::StatsContainerResponse {
+pub(crate) fn container_stats(cgroup: Option<&Path>, init: Pid) -> agent::StatsContainerResponse {
     let mut reply = agent::StatsContainerResponse::new();
     reply.cgroup_stats = Some(match cgroup {
         Some(dir) => cgroup_stats(dir),
         None => process_stats(&[init], threads(init)),
     })
     .into();
-    reply.network_stats = std::fs::read_to_string("/proc/net/dev")
-        .map(|text| parse_net_dev(&text))
+    reply.network_stats = procfs::net::dev_status()
+        .map(|devices| network_stats(devices.into_values()))
         .unwrap_or_default();
     reply
 }
@@ -86,23 +88,15 @@ fn process_stats(pids: &[Pid], threads: u64) -> agent::CgroupStats {
     let page = page_size();
     let (mut user, mut system, mut rss) = (0u64, 0u64, 0u64);
     for pid in pids {
-        let dir = format!("/proc/{}", pid.as_raw());
-        if let Some((u, s)) = std::fs::read_to_string(format!("{dir}/stat"))
-            .ok()
-            .and_then(|t| parse_proc_stat_times(&t))
-        {
-            user = user.saturating_add(u);
-            system = system.saturating_add(s);
+        let Ok(process) = Process::new(pid.as_raw()) else {
+            continue;
+        };
+        if let Ok(stat) = process.stat() {
+            user = user.saturating_add(with_children(stat.utime, stat.cutime));
+            system = system.saturating_add(with_children(stat.stime, stat.cstime));
         }
-        if let Some(pages) = std::fs::read_to_string(format!("{dir}/statm"))
-            .ok()
-            .and_then(|t| {
-                t.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-            })
-        {
-            rss = rss.saturating_add(pages.saturating_mul(page));
+        if let Ok(statm) = process.statm() {
+            rss = rss.saturating_add(statm.resident.saturating_mul(page));
         }
     }
     let to_nanos = |t: u64| t.saturating_mul(1_000_000_000 / ticks.max(1));
@@ -123,20 +117,32 @@ fn process_stats(pids: &[Pid], threads: u64) -> agent::CgroupStats {
     stats
 }
 
+/// A process's own clock ticks plus its reaped children's (cutime or cstime: what a shell's
+/// finished commands used). procfs gives the children's part signed; a negative one counts as 0.
+fn with_children(own: u64, children: i64) -> u64 {
+    own.saturating_add(u64::try_from(children).unwrap_or(0))
+}
+
+/// The number of threads of `pid` (its /proc/<pid>/task entries).
 fn threads(pid: Pid) -> u64 {
-    std::fs::read_dir(format!("/proc/{}/task", pid.as_raw())).map_or(0, |d| d.count() as u64)
+    Process::new(pid.as_raw())
+        .and_then(|process| process.tasks())
+        .map_or(0, |tasks| tasks.count() as u64)
 }
 
 fn clock_ticks() -> u64 {
-    // SAFETY: sysconf has no memory effects.
-    let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(v).ok().filter(|v| *v > 0).unwrap_or(100)
+    sysconf_or(procfs::ticks_per_second(), 100)
 }
 
 fn page_size() -> u64 {
-    // SAFETY: as above.
-    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(v).ok().filter(|v| *v > 0).unwrap_or(4096)
+    sysconf_or(procfs::page_size(), 4096)
+}
+
+/// A sysconf value from procfs, or `fallback` when sysconf failed: procfs casts its -1 to u64.
+fn sysconf_or(value: u64, fallback: u64) -> u64 {
+    Some(value)
+        .filter(|v| (1..=i64::MAX as u64).contains(v))
+        .unwrap_or(fallback)
 }
 
 /// The value of `key` in a flat-keyed file ("key value" lines: cpu.stat, memory.stat, ...).
@@ -157,49 +163,27 @@ fn parse_limit(text: &str) -> Option<u64> {
     }
 }
 
-/// (utime + cutime, stime + cstime) in clock ticks from /proc/<pid>/stat: the children's part
-/// counts what the process's reaped children used (a shell's finished commands).
-fn parse_proc_stat_times(text: &str) -> Option<(u64, u64)> {
-    // The command name may contain spaces and parentheses: fields start after the last ')'.
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime..cstime are fields 14..17.
-    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
-    Some((field(14)? + field(16)?, field(15)? + field(17)?))
-}
-
-/// Every interface of /proc/net/dev but the loopback.
-fn parse_net_dev(text: &str) -> Vec<agent::NetworkStats> {
-    // Two header lines, then "name: rx_bytes rx_packets rx_errs rx_drop fifo frame compressed
-    // multicast tx_bytes tx_packets tx_errs tx_drop ...".
-    text.lines()
-        .skip(2)
-        .filter_map(|line| {
-            let (name, values) = line.split_once(':')?;
-            let name = name.trim();
-            if name == "lo" {
-                return None;
-            }
-            let v: Vec<u64> = values
-                .split_whitespace()
-                .map(|w| w.parse().ok())
-                .collect::<Option<_>>()?;
-            if v.len() < 12 {
-                return None;
-            }
+/// Every interface but the loopback, by name (procfs gives /proc/net/dev's lines unordered).
+fn network_stats(devices: impl IntoIterator<Item = DeviceStatus>) -> Vec<agent::NetworkStats> {
+    let mut stats: Vec<agent::NetworkStats> = devices
+        .into_iter()
+        .filter(|device| device.name != "lo")
+        .map(|device| {
             let mut stats = agent::NetworkStats::new();
-            stats.name = name.to_string();
-            stats.rx_bytes = v[0];
-            stats.rx_packets = v[1];
-            stats.rx_errors = v[2];
-            stats.rx_dropped = v[3];
-            stats.tx_bytes = v[8];
-            stats.tx_packets = v[9];
-            stats.tx_errors = v[10];
-            stats.tx_dropped = v[11];
-            Some(stats)
+            stats.name = device.name;
+            stats.rx_bytes = device.recv_bytes;
+            stats.rx_packets = device.recv_packets;
+            stats.rx_errors = device.recv_errs;
+            stats.rx_dropped = device.recv_drop;
+            stats.tx_bytes = device.sent_bytes;
+            stats.tx_packets = device.sent_packets;
+            stats.tx_errors = device.sent_errs;
+            stats.tx_dropped = device.sent_drop;
+            stats
         })
-        .collect()
+        .collect();
+    stats.sort_by(|a, b| a.name.cmp(&b.name));
+    stats
 }
 
 #[cfg(test)]
@@ -216,11 +200,107 @@ mod tests {
         assert_eq!(parse_limit("x"), None);
     }
 
+    /// utime, stime, cutime, cstime (fields 14..17 of /proc/<pid>/stat) read without procfs.
+    fn stat_ticks(pid: u32) -> [u64; 4] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // The command name may hold spaces and parentheses: field 3 starts after the last ')'.
+        let fields: Vec<&str> = text[text.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .collect();
+        [14, 15, 16, 17].map(|n| fields[n - 3].parse().unwrap())
+    }
+
+    /// VmRSS of /proc/<pid>/status in bytes.
+    fn vm_rss(pid: u32) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kib: u64 = text
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .unwrap()
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .unwrap();
+        kib * 1024
+    }
+
     #[test]
-    fn proc_stat_times_include_reaped_children() {
-        let stat = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 20 10 20 0 1 0 5 0 0";
-        assert_eq!(parse_proc_stat_times(stat), Some((27, 13)));
-        assert_eq!(parse_proc_stat_times("garbage"), None);
+    fn an_init_without_a_cgroup_counts_the_children_it_reaped() {
+        // A shell that runs a CPU-bound subshell to the end (reaping it), then becomes sleep:
+        // its children's time stays with it across the exec.
+        let script =
+            "(i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done); echo done; exec sleep 60";
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line, "done\n");
+        // Let the exec happen, so the figures no longer move.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap() != "sleep\n" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sh never exec'd sleep"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+
+        let before = stat_ticks(child.id());
+        let reply = container_stats(None, Pid::from_raw(child.id() as i32));
+        let after = stat_ticks(child.id());
+        let rss = vm_rss(child.id());
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .count() as u64;
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        // SAFETY: sysconf has no memory effects.
+        let tick_ns = 1_000_000_000 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let [utime, stime, cutime, cstime] = before;
+        assert!(cutime + cstime > 0, "the subshell used no CPU: {before:?}");
+        let stats = reply.cgroup_stats.as_ref().unwrap();
+        let cpu = stats.cpu_stats.cpu_usage.as_ref().unwrap();
+        let [utime2, stime2, cutime2, cstime2] = after;
+        assert!(
+            (utime + cutime) * tick_ns <= cpu.usage_in_usermode
+                && cpu.usage_in_usermode <= (utime2 + cutime2) * tick_ns,
+            "{cpu:?} vs {before:?}..{after:?}"
+        );
+        assert!(
+            (stime + cstime) * tick_ns <= cpu.usage_in_kernelmode
+                && cpu.usage_in_kernelmode <= (stime2 + cstime2) * tick_ns,
+            "{cpu:?} vs {before:?}..{after:?}"
+        );
+        assert_eq!(
+            cpu.total_usage,
+            cpu.usage_in_usermode + cpu.usage_in_kernelmode
+        );
+        let memory = stats.memory_stats.usage.as_ref().unwrap();
+        assert_eq!((memory.usage, memory.limit), (rss, u64::MAX));
+        assert_eq!(stats.pids_stats.current, tasks);
+    }
+
+    #[test]
+    fn a_failed_sysconf_gives_the_fallback() {
+        assert_eq!(sysconf_or(100, 7), 100);
+        assert_eq!(sysconf_or(0, 7), 7);
+        assert_eq!(sysconf_or(-1i64 as u64, 7), 7);
+    }
+
+    #[test]
+    fn negative_children_times_count_as_none() {
+        assert_eq!(with_children(7, 20), 27);
+        assert_eq!(with_children(7, -1), 7);
+        assert_eq!(with_children(u64::MAX, 5), u64::MAX);
     }
 
     #[test]
@@ -232,20 +312,77 @@ mod tests {
         assert!(stats.pids_stats.current >= 2, "{stats:?}");
     }
 
+    /// A device whose every counter differs, so that a field read from the wrong one shows.
+    fn device(name: &str, base: u64) -> DeviceStatus {
+        DeviceStatus {
+            name: name.to_string(),
+            recv_bytes: base + 1,
+            recv_packets: base + 2,
+            recv_errs: base + 3,
+            recv_drop: base + 4,
+            recv_fifo: base + 5,
+            recv_frame: base + 6,
+            recv_compressed: base + 7,
+            recv_multicast: base + 8,
+            sent_bytes: base + 9,
+            sent_packets: base + 10,
+            sent_errs: base + 11,
+            sent_drop: base + 12,
+            sent_fifo: base + 13,
+            sent_colls: base + 14,
+            sent_carrier: base + 15,
+            sent_compressed: base + 16,
+        }
+    }
+
     #[test]
-    fn net_dev_without_loopback() {
-        let text = "Inter-|   Receive |  Transmit\n face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs drop fifo colls carrier compressed\n    lo: 10 1 0 0 0 0 0 0 10 1 0 0 0 0 0 0\n  eth0: 100 2 3 4 0 0 0 0 200 5 6 7 0 0 0 0\n";
-        let stats = parse_net_dev(text);
-        assert_eq!(stats.len(), 1);
+    fn interfaces_but_the_loopback_by_name() {
+        let stats = network_stats([device("eth1", 200), device("lo", 0), device("eth0", 100)]);
+        let names: Vec<&str> = stats.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["eth0", "eth1"]);
         let eth = &stats[0];
-        assert_eq!(eth.name, "eth0");
+        // /proc/net/dev's columns: rx bytes, packets, errs, drop are the 1st to 4th, tx bytes,
+        // packets, errs, drop the 9th to 12th.
         assert_eq!(
             (eth.rx_bytes, eth.rx_packets, eth.rx_errors, eth.rx_dropped),
-            (100, 2, 3, 4)
+            (101, 102, 103, 104)
         );
         assert_eq!(
             (eth.tx_bytes, eth.tx_packets, eth.tx_errors, eth.tx_dropped),
-            (200, 5, 6, 7)
+            (109, 110, 111, 112)
         );
+    }
+
+    /// The interface names of /proc/net/dev but lo, sorted, read without procfs.
+    fn proc_net_dev_names() -> Vec<String> {
+        let text = std::fs::read_to_string("/proc/net/dev").unwrap();
+        let mut names: Vec<String> = text
+            .lines()
+            .skip(2)
+            .filter_map(|line| Some(line.split_once(':')?.0.trim().to_string()))
+            .filter(|name| name != "lo")
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_reply_lists_the_interfaces_of_proc_net_dev_but_lo() {
+        // Interfaces may come and go on the host meanwhile: retry until none did around the call.
+        for _ in 0..10 {
+            let before = proc_net_dev_names();
+            let reply = container_stats(None, Pid::this());
+            if before != proc_net_dev_names() {
+                continue;
+            }
+            let names: Vec<&str> = reply
+                .network_stats
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect();
+            assert_eq!(names, before);
+            return;
+        }
+        panic!("the host's interfaces kept changing");
     }
 }
