@@ -162,3 +162,306 @@ fn agent_reason(err: &AgentError) -> String {
     err.message()
         .map_or_else(|| err.to_string(), str::to_string)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+    use std::io;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::agent::transport::TransportError;
+
+    fn exec_e1() -> ProcessName {
+        ProcessName {
+            container_id: "c1".into(),
+            exec_id: "e1".into(),
+        }
+    }
+
+    fn init_c1() -> ProcessName {
+        ProcessName {
+            container_id: "c1".into(),
+            exec_id: String::new(),
+        }
+    }
+
+    /// An agent that answered ExecProcess with a status of its own.
+    fn agent_status(code: Code, message: &str) -> Box<AgentError> {
+        Box::new(AgentError::Rpc {
+            action: "grpc.ExecProcessRequest",
+            url: "vsock://3:1024".into(),
+            source: ttrpc::Error::RpcStatus(ttrpc::get_status(code, message)),
+        })
+    }
+
+    fn agent_unreachable() -> Box<AgentError> {
+        Box::new(AgentError::Transport(TransportError::Connect {
+            url: "vsock://3:1024".into(),
+            source: io::Error::from(io::ErrorKind::ConnectionRefused),
+        }))
+    }
+
+    /// What containerd reads from the error.
+    fn status(err: TaskError) -> (Code, String) {
+        match ttrpc::Error::from(err) {
+            ttrpc::Error::RpcStatus(status) => (
+                status.code.enum_value().expect("a known code"),
+                status.message,
+            ),
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn processes_are_named_as_containerd_users_know_them() {
+        assert_eq!(init_c1().to_string(), r#"container "c1""#);
+        assert_eq!(exec_e1().to_string(), r#"exec "e1" of container "c1""#);
+    }
+
+    #[test]
+    fn refusals_the_caller_can_act_on_keep_their_codes_and_messages() {
+        let id = crate::mgmt::paths::validate_id("a/b").expect_err("a slash");
+        let config = ConfigError::Parse {
+            path: "/etc/kata-containers/configuration.toml".into(),
+            message: "expected `=`".into(),
+        };
+        let cases = [
+            (
+                TaskError::ContainerNotFound { id: "c9".into() },
+                Code::NOT_FOUND,
+                r#"container "c9" not found"#,
+            ),
+            (
+                TaskError::ProcessNotFound {
+                    id: "c1".into(),
+                    exec_id: "e9".into(),
+                },
+                Code::NOT_FOUND,
+                r#"process "e9" of container "c1" not found"#,
+            ),
+            (
+                TaskError::AlreadyFinished { process: init_c1() },
+                Code::NOT_FOUND,
+                r#"container "c1" already finished"#,
+            ),
+            (
+                TaskError::from(id),
+                Code::INVALID_ARGUMENT,
+                r#"invalid sandbox id "a/b": only letters, digits, '.', '_' and '-' are allowed (no '/', no spaces)"#,
+            ),
+            (
+                TaskError::from(SpecError::NoProcess {
+                    path: "/b/config.json".into(),
+                }),
+                Code::INVALID_ARGUMENT,
+                "the OCI spec /b/config.json has no process",
+            ),
+            (
+                TaskError::ExecIdNotDistinct,
+                Code::INVALID_ARGUMENT,
+                "exec needs an exec id other than the container's",
+            ),
+            (
+                TaskError::Config(Arc::new(config)),
+                Code::FAILED_PRECONDITION,
+                "configuration file /etc/kata-containers/configuration.toml: expected `=`",
+            ),
+            (
+                TaskError::ForeignSandbox {
+                    sandbox_id: "sb2".into(),
+                    shim_id: "sb1".into(),
+                },
+                Code::FAILED_PRECONDITION,
+                r#"sandbox "sb2" is not running in this shim ("sb1")"#,
+            ),
+            (
+                TaskError::AlreadyStarted { process: exec_e1() },
+                Code::FAILED_PRECONDITION,
+                r#"exec "e1" of container "c1" was already started"#,
+            ),
+            (
+                TaskError::NotRunning { id: "c1".into() },
+                Code::FAILED_PRECONDITION,
+                r#"container "c1" is not running"#,
+            ),
+            (
+                TaskError::StillRunning { process: init_c1() },
+                Code::FAILED_PRECONDITION,
+                r#"container "c1" is still running"#,
+            ),
+            (
+                TaskError::NotStarted { process: exec_e1() },
+                Code::FAILED_PRECONDITION,
+                r#"exec "e1" of container "c1" was not started"#,
+            ),
+            (
+                TaskError::ContainerExists { id: "c1".into() },
+                Code::ALREADY_EXISTS,
+                r#"container "c1" already exists"#,
+            ),
+            (
+                TaskError::ExecExists {
+                    id: "c1".into(),
+                    exec_id: "e1".into(),
+                },
+                Code::ALREADY_EXISTS,
+                r#"process "e1" of container "c1" already exists"#,
+            ),
+        ];
+        for (err, code, message) in cases {
+            assert_eq!(status(err), (code, message.to_string()));
+        }
+    }
+
+    #[test]
+    fn a_sandbox_that_cannot_start_is_unavailable() {
+        let err = TaskError::from(Box::new(SandboxError::Vm {
+            id: "sb1".into(),
+            message: "qemu exited with status 1".into(),
+        }));
+        assert_eq!(
+            status(err),
+            (
+                Code::UNAVAILABLE,
+                "sandbox sb1: starting the VM: qemu exited with status 1".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn failures_of_the_shim_or_the_vm_are_internal() {
+        let cases = [
+            (TaskError::SandboxGone, "the sandbox is gone".to_string()),
+            (
+                TaskError::from(RootfsError::Bind {
+                    from: PathBuf::from("/b/rootfs"),
+                    to: PathBuf::from("/s/c1/rootfs"),
+                    source: io::Error::from_raw_os_error(libc::EPERM),
+                }),
+                "sharing /b/rootfs with the VM at /s/c1/rootfs: Operation not permitted (os error 1)"
+                    .to_string(),
+            ),
+            (
+                TaskError::CreateContainer {
+                    id: "c1".into(),
+                    source: agent_unreachable(),
+                },
+                r#"creating container "c1" in the VM: connecting to the agent at vsock://3:1024: connection refused"#
+                    .to_string(),
+            ),
+            (
+                TaskError::StartContainer {
+                    id: "c1".into(),
+                    source: Box::new(AgentError::Timeout {
+                        action: "grpc.StartContainerRequest",
+                        url: "vsock://3:1024".into(),
+                        timeout: Duration::from_secs(30),
+                    }),
+                },
+                r#"starting container "c1" in the VM: agent call grpc.StartContainerRequest to vsock://3:1024 did not finish within 30s"#
+                    .to_string(),
+            ),
+            (
+                TaskError::Signal {
+                    process: exec_e1(),
+                    source: agent_unreachable(),
+                },
+                r#"signalling exec "e1" of container "c1": connecting to the agent at vsock://3:1024: connection refused"#
+                    .to_string(),
+            ),
+            (
+                TaskError::ReadStats {
+                    id: "c1".into(),
+                    source: agent_unreachable(),
+                },
+                r#"reading the stats of "c1": connecting to the agent at vsock://3:1024: connection refused"#
+                    .to_string(),
+            ),
+            (
+                TaskError::EncodeStats {
+                    id: "c1".into(),
+                    source: protobuf::Error::from(io::Error::from(io::ErrorKind::WriteZero)),
+                },
+                r#"encoding the stats of "c1": write zero"#.to_string(),
+            ),
+            (
+                TaskError::ResizePty {
+                    process: init_c1(),
+                    source: agent_unreachable(),
+                },
+                r#"resizing the terminal of container "c1": connecting to the agent at vsock://3:1024: connection refused"#
+                    .to_string(),
+            ),
+        ];
+        for (err, message) in cases {
+            assert_eq!(status(err), (Code::INTERNAL, message));
+        }
+    }
+
+    #[test]
+    fn a_bad_exec_keeps_the_agents_code_and_message() {
+        for code in [Code::INVALID_ARGUMENT, Code::FAILED_PRECONDITION] {
+            let err = TaskError::StartExec {
+                process: exec_e1(),
+                source: agent_status(code, "executable file not found in $PATH"),
+            };
+            assert_eq!(
+                status(err),
+                (
+                    code,
+                    r#"starting exec "e1" of container "c1": executable file not found in $PATH"#
+                        .to_string()
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn an_exec_the_agent_fails_otherwise_is_internal() {
+        let err = TaskError::StartExec {
+            process: exec_e1(),
+            source: agent_status(Code::NOT_FOUND, "container c1 not found"),
+        };
+        assert_eq!(
+            status(err),
+            (
+                Code::INTERNAL,
+                r#"starting exec "e1" of container "c1": container c1 not found"#.to_string()
+            )
+        );
+        let err = TaskError::StartExec {
+            process: exec_e1(),
+            source: agent_unreachable(),
+        };
+        assert_eq!(
+            status(err),
+            (
+                Code::INTERNAL,
+                r#"starting exec "e1" of container "c1": connecting to the agent at vsock://3:1024: connection refused"#
+                    .to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn the_cause_stays_reachable_as_the_source() {
+        let err = TaskError::Signal {
+            process: init_c1(),
+            source: agent_status(Code::NOT_FOUND, "no such process"),
+        };
+        let source = err.source().expect("a source");
+        let agent = source
+            .downcast_ref::<Box<AgentError>>()
+            .expect("the agent's error");
+        assert_eq!(agent.code(), Some(Code::NOT_FOUND));
+
+        let config = TaskError::Config(Arc::new(ConfigError::Read {
+            path: "/etc/k.toml".into(),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        }));
+        let io = config.source().expect("the io error");
+        assert_eq!(io.to_string(), "permission denied");
+    }
+}

@@ -16,6 +16,8 @@ mod error;
 mod exec;
 mod query;
 mod start;
+#[cfg(test)]
+mod testing;
 
 use std::collections::HashMap;
 use std::future::Future;
