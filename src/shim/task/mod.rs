@@ -7,7 +7,7 @@
 //! container's namespaces) at Start; every process RPC takes an `exec_id` to name it.
 //!
 //! This module holds the service's state and the `Task` trait's adapters, which time each RPC and
-//! turn a [`TaskError`] into the status containerd reads; the submodules hold what each RPC does.
+//! turn a `TaskError` into the status containerd reads; the submodules hold what each RPC does.
 
 mod control;
 mod create;
@@ -41,6 +41,7 @@ use super::events::{Events, Publisher};
 use super::metrics::registry::SHIM_RPC_DURATIONS;
 use super::sandbox::{self, SandboxSlot};
 
+/// `pub` only because it is the shim's `Shim::T` (see `service.rs`); its API is crate-private.
 pub struct TaskService {
     namespace: String,
     /// The id containerd started this shim for: the sandbox's id.

@@ -98,3 +98,131 @@ impl TaskService {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use containerd_shim::api::Status;
+    use containerd_shim::Task;
+    use ttrpc::Code;
+
+    use super::super::testing::{
+        add_exec, add_running_container, ctx, exited, refusal, service, NO_AGENT_ERROR, VMM_PID,
+    };
+    use super::*;
+
+    #[tokio::test]
+    async fn the_state_of_an_exec_that_ended_says_how() {
+        let (shim, _) = service();
+        let c1 = add_running_container(&shim, "c1");
+        let e1 = add_exec(&c1, "e1");
+        e1.mark_started();
+        exited(&e1, 3);
+        let state = StateRequest {
+            id: "c1".to_string(),
+            exec_id: "e1".to_string(),
+            ..Default::default()
+        };
+        let state = shim.state(&ctx(), state).await.expect("state");
+        assert_eq!(state.id, "c1");
+        assert_eq!(state.exec_id, "e1");
+        assert_eq!(state.bundle, "/nonexistent/bundle/c1");
+        assert_eq!(state.pid, VMM_PID);
+        assert_eq!(state.status.enum_value(), Ok(Status::STOPPED));
+        assert_eq!(state.exit_status, 3);
+        assert!(state.exited_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn queries_about_an_unknown_task_are_not_found() {
+        let (shim, _) = service();
+        let state = StateRequest {
+            id: "c9".to_string(),
+            ..Default::default()
+        };
+        let pids = PidsRequest {
+            id: "c9".to_string(),
+            ..Default::default()
+        };
+        let stats = StatsRequest {
+            id: "c9".to_string(),
+            ..Default::default()
+        };
+        let not_found = (Code::NOT_FOUND, r#"container "c9" not found"#.to_string());
+        assert_eq!(refusal(shim.state(&ctx(), state).await), not_found);
+        assert_eq!(refusal(shim.pids(&ctx(), pids).await), not_found);
+        assert_eq!(refusal(shim.stats(&ctx(), stats).await), not_found);
+        add_running_container(&shim, "c1");
+        let wait = WaitRequest {
+            id: "c1".to_string(),
+            exec_id: "e9".to_string(),
+            ..Default::default()
+        };
+        assert_eq!(
+            refusal(shim.wait(&ctx(), wait).await),
+            (
+                Code::NOT_FOUND,
+                r#"process "e9" of container "c1" not found"#.to_string()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn wait_answers_with_the_recorded_exit() {
+        let (shim, _) = service();
+        let c1 = add_running_container(&shim, "c1");
+        let wait = WaitRequest {
+            id: "c1".to_string(),
+            ..Default::default()
+        };
+        let context = ctx();
+        let waiting = shim.wait(&context, wait);
+        tokio::pin!(waiting);
+        let early = tokio::time::timeout(Duration::from_millis(50), &mut waiting).await;
+        assert!(early.is_err(), "no answer before the exit");
+        exited(&c1.init, 137);
+        let exit = waiting.await.expect("wait");
+        assert_eq!(exit.exit_status, 137);
+    }
+
+    #[tokio::test]
+    async fn the_host_sees_the_vmm_as_the_tasks_process() {
+        let (shim, _) = service();
+        add_running_container(&shim, "c1");
+        let pids = PidsRequest {
+            id: "c1".to_string(),
+            ..Default::default()
+        };
+        let pids = shim.pids(&ctx(), pids).await.expect("pids");
+        let pids: Vec<u32> = pids.processes.iter().map(|p| p.pid).collect();
+        assert_eq!(pids, [VMM_PID]);
+
+        let connect = |id: &str| ConnectRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        let known = shim.connect(&ctx(), connect("c1")).await.expect("connect");
+        assert_eq!(known.shim_pid, std::process::id());
+        assert_eq!(known.task_pid, VMM_PID);
+        let unknown = shim.connect(&ctx(), connect("c9")).await.expect("connect");
+        assert_eq!(unknown.task_pid, 0);
+    }
+
+    #[tokio::test]
+    async fn stats_the_agent_cannot_give_are_internal() {
+        let (shim, _) = service();
+        add_running_container(&shim, "c1");
+        let stats = StatsRequest {
+            id: "c1".to_string(),
+            ..Default::default()
+        };
+        assert_eq!(
+            refusal(shim.stats(&ctx(), stats).await),
+            (
+                Code::INTERNAL,
+                format!(r#"reading the stats of "c1": {NO_AGENT_ERROR}"#)
+            )
+        );
+    }
+}

@@ -151,3 +151,121 @@ fn copy_outputs(container: &Container, process: &Process) -> (JoinHandle<()>, Jo
         copy(OutStream::Stderr, &process.stdio.stderr),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use containerd_shim::Task;
+    use ttrpc::Code;
+
+    use super::super::testing::{
+        add_container, add_exec, add_running_container, ctx, exited, refusal, refusing_agent,
+        service, NO_AGENT, NO_AGENT_ERROR,
+    };
+    use super::*;
+
+    fn start(id: &str, exec_id: &str) -> StartRequest {
+        StartRequest {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn starting_what_does_not_exist_is_not_found() {
+        let (shim, _) = service();
+        assert_eq!(
+            refusal(shim.start(&ctx(), start("c9", "")).await),
+            (Code::NOT_FOUND, r#"container "c9" not found"#.to_string())
+        );
+        add_container(&shim, "c1", NO_AGENT);
+        assert_eq!(
+            refusal(shim.start(&ctx(), start("c1", "e9")).await),
+            (
+                Code::NOT_FOUND,
+                r#"process "e9" of container "c1" not found"#.to_string()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_process_starts_only_once() {
+        let (shim, events) = service();
+        let c1 = add_running_container(&shim, "c1");
+        assert_eq!(
+            refusal(shim.start(&ctx(), start("c1", "")).await),
+            (
+                Code::FAILED_PRECONDITION,
+                r#"container "c1" was already started"#.to_string()
+            )
+        );
+        // An exec that ran and ended is not started again either.
+        let e1 = add_exec(&c1, "e1");
+        exited(&e1, 0);
+        assert_eq!(
+            refusal(shim.start(&ctx(), start("c1", "e1")).await),
+            (
+                Code::FAILED_PRECONDITION,
+                r#"exec "e1" of container "c1" was already started"#.to_string()
+            )
+        );
+        assert!(events.topics().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_init_the_agent_cannot_start_stays_created() {
+        let (shim, events) = service();
+        let c1 = add_container(&shim, "c1", NO_AGENT);
+        assert_eq!(
+            refusal(shim.start(&ctx(), start("c1", "")).await),
+            (
+                Code::INTERNAL,
+                format!(r#"starting container "c1" in the VM: {NO_AGENT_ERROR}"#)
+            )
+        );
+        assert_eq!(c1.init.status(), Status::CREATED);
+        assert!(events.topics().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_exec_the_agent_refuses_ends_with_127_and_the_agents_code_and_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = r#"exec: "nope": executable file not found in $PATH"#;
+        let (_agent, url) = refusing_agent(
+            &dir.path().join("agent.sock"),
+            Code::INVALID_ARGUMENT,
+            missing,
+        )
+        .await;
+        let (shim, events) = service();
+        let c1 = add_container(&shim, "c1", &url);
+        c1.init.mark_started();
+        let e1 = add_exec(&c1, "e1");
+        assert_eq!(
+            refusal(shim.start(&ctx(), start("c1", "e1")).await),
+            (
+                Code::INVALID_ARGUMENT,
+                format!(r#"starting exec "e1" of container "c1": {missing}"#)
+            )
+        );
+        // Waits end: nothing runs that could report an exit later.
+        assert_eq!(e1.exit().map(|exit| exit.status), Some(127));
+        assert_eq!(e1.status(), Status::STOPPED);
+        assert!(events.topics().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_exec_the_agent_cannot_be_reached_for_is_internal() {
+        let (shim, _) = service();
+        let c1 = add_running_container(&shim, "c1");
+        let e1 = add_exec(&c1, "e1");
+        assert_eq!(
+            refusal(shim.start(&ctx(), start("c1", "e1")).await),
+            (
+                Code::INTERNAL,
+                format!(r#"starting exec "e1" of container "c1": {NO_AGENT_ERROR}"#)
+            )
+        );
+        assert_eq!(e1.exit().map(|exit| exit.status), Some(127));
+    }
+}

@@ -30,13 +30,19 @@ pub(super) const NO_AGENT_ERROR: &str =
 /// The pid the test containers report (the VMM's, in a real sandbox).
 pub(super) const VMM_PID: u32 = 4242;
 
-/// The events the service published, by topic.
+/// One published event and its topic.
+type Event = (String, Box<dyn MessageDyn>);
+
+/// The events the service published, in order.
 #[derive(Clone, Default)]
-pub(super) struct Recorded(Arc<Mutex<Vec<(String, Box<dyn MessageDyn>)>>>);
+pub(super) struct Recorded(Arc<Mutex<Vec<Event>>>);
 
 impl Recorded {
     pub(super) fn topics(&self) -> Vec<String> {
-        lock(&self.0).iter().map(|(topic, _)| topic.clone()).collect()
+        lock(&self.0)
+            .iter()
+            .map(|(topic, _)| topic.clone())
+            .collect()
     }
 
     /// The one event published on `topic`, as `M`.
@@ -134,9 +140,10 @@ pub(super) fn ctx() -> TtrpcContext {
 /// The status containerd would read from a refused call.
 pub(super) fn refusal<T: std::fmt::Debug>(result: TtrpcResult<T>) -> (Code, String) {
     match result {
-        Err(ttrpc::Error::RpcStatus(status)) => {
-            (status.code.enum_value().expect("a known code"), status.message)
-        }
+        Err(ttrpc::Error::RpcStatus(status)) => (
+            status.code.enum_value().expect("a known code"),
+            status.message,
+        ),
         other => panic!("expected a status, got {other:?}"),
     }
 }
