@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use ttrpc::Code;
 
-use super::super::config::ConfigError;
-use super::super::container::{Container, Process};
-use super::super::oci::SpecError;
-use super::super::rootfs::RootfsError;
-use super::super::sandbox::SandboxError;
 use crate::agent_client::AgentError;
 use crate::mgmt::paths::IdError;
+use crate::shim::config::ConfigError;
+use crate::shim::container::{Container, Process};
+use crate::shim::oci::SpecError;
+use crate::shim::rootfs::RootfsError;
+use crate::shim::sandbox::SandboxError;
 
 /// A process as messages name it: `container "c1"` for the init, `exec "e1" of container "c1"`
 /// for an exec'd one.
