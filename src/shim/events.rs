@@ -3,19 +3,44 @@
 
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::publisher::RemotePublisher;
 
+/// Where events go: containerd's publisher in the shim; the task service's tests record them.
+#[async_trait]
+pub(crate) trait Publisher: Send + Sync {
+    async fn send_event(
+        &self,
+        topic: &str,
+        namespace: &str,
+        event: Box<dyn MessageDyn>,
+    ) -> containerd_shim::Result<()>;
+}
+
+#[async_trait]
+impl Publisher for RemotePublisher {
+    async fn send_event(
+        &self,
+        topic: &str,
+        namespace: &str,
+        event: Box<dyn MessageDyn>,
+    ) -> containerd_shim::Result<()> {
+        self.publish(ttrpc::context::Context::default(), topic, namespace, event)
+            .await
+    }
+}
+
 pub struct Events {
-    publisher: RemotePublisher,
+    publisher: Box<dyn Publisher>,
     namespace: String,
 }
 
 impl Events {
-    pub fn new(publisher: RemotePublisher, namespace: String) -> Events {
+    pub(crate) fn new(publisher: impl Publisher + 'static, namespace: String) -> Events {
         Events {
-            publisher,
+            publisher: Box::new(publisher),
             namespace,
         }
     }
@@ -23,12 +48,7 @@ impl Events {
     pub async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         if let Err(err) = self
             .publisher
-            .publish(
-                ttrpc::context::Context::default(),
-                topic,
-                &self.namespace,
-                event,
-            )
+            .send_event(topic, &self.namespace, event)
             .await
         {
             tracing::warn!(topic, "publishing event: {err}");

@@ -154,7 +154,7 @@ impl Shim for Service {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        let config = Config::load().map_err(|err| err.to_string());
+        let config = Config::load().map_err(Arc::new);
         if let Err(err) = &config {
             tracing::error!("{err}");
         }

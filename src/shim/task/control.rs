@@ -1,0 +1,211 @@
+//! Acting on a started process: Kill (a signal through the agent), CloseIO (end its stdin) and
+//! ResizePty (its terminal's size).
+
+use containerd_shim::api::{CloseIORequest, Empty, KillRequest, ResizePtyRequest, Status};
+
+use super::error::{ProcessName, TaskError};
+use super::TaskService;
+use crate::protocols::agent;
+use crate::shim::waiter;
+
+impl TaskService {
+    pub(super) async fn kill_process(&self, req: KillRequest) -> Result<Empty, TaskError> {
+        let (container, process) = self.process(&req.id, &req.exec_id)?;
+        let name = || ProcessName::of(&container, &process);
+        match process.status() {
+            Status::STOPPED => return Err(TaskError::AlreadyFinished { process: name() }),
+            // The guest has no such process before Start.
+            Status::CREATED if !process.is_init() => {
+                return Err(TaskError::NotStarted { process: name() })
+            }
+            _ => {}
+        }
+        let signal = agent::SignalProcessRequest::of(&req.id, &process.exec_id, req.signal);
+        container
+            .agent
+            .signal_process(signal)
+            .await
+            .map_err(|source| TaskError::Signal {
+                process: name(),
+                source: Box::new(source),
+            })?;
+        Ok(Empty::new())
+    }
+
+    pub(super) async fn close_process_io(&self, req: CloseIORequest) -> Result<Empty, TaskError> {
+        let (_, process) = self.process(&req.id, &req.exec_id)?;
+        if req.stdin {
+            // Let the copy finish what the FIFO still holds; it closes stdin in the guest at EOF.
+            if let Some(copy) = process.take_stdin_copy() {
+                tokio::spawn(async move {
+                    let abort = copy.abort_handle();
+                    if tokio::time::timeout(waiter::DRAIN_TIMEOUT, copy)
+                        .await
+                        .is_err()
+                    {
+                        abort.abort();
+                    }
+                });
+            }
+        }
+        Ok(Empty::new())
+    }
+
+    pub(super) async fn resize_process_pty(
+        &self,
+        req: ResizePtyRequest,
+    ) -> Result<Empty, TaskError> {
+        let (container, process) = self.process(&req.id, &req.exec_id)?;
+        let resize =
+            agent::TtyWinResizeRequest::of(&req.id, &process.exec_id, req.height, req.width);
+        container
+            .agent
+            .tty_win_resize(resize)
+            .await
+            .map_err(|source| TaskError::ResizePty {
+                process: ProcessName::of(&container, &process),
+                source: Box::new(source),
+            })?;
+        Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use containerd_shim::Task;
+    use ttrpc::Code;
+
+    use super::super::testing::{
+        add_container, add_exec, add_running_container, ctx, exited, refusal, service, NO_AGENT,
+        NO_AGENT_ERROR,
+    };
+    use super::*;
+
+    fn kill(id: &str, exec_id: &str) -> KillRequest {
+        KillRequest {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            signal: 9,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn killing_what_does_not_exist_is_not_found() {
+        let (shim, _) = service();
+        assert_eq!(
+            refusal(shim.kill(&ctx(), kill("c9", "")).await),
+            (Code::NOT_FOUND, r#"container "c9" not found"#.to_string())
+        );
+        add_running_container(&shim, "c1");
+        assert_eq!(
+            refusal(shim.kill(&ctx(), kill("c1", "e9")).await),
+            (
+                Code::NOT_FOUND,
+                r#"process "e9" of container "c1" not found"#.to_string()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_process_that_finished_cannot_be_killed() {
+        let (shim, _) = service();
+        let c1 = add_running_container(&shim, "c1");
+        let e1 = add_exec(&c1, "e1");
+        e1.mark_started();
+        exited(&e1, 0);
+        assert_eq!(
+            refusal(shim.kill(&ctx(), kill("c1", "e1")).await),
+            (
+                Code::NOT_FOUND,
+                r#"exec "e1" of container "c1" already finished"#.to_string()
+            )
+        );
+        exited(&c1.init, 137);
+        assert_eq!(
+            refusal(shim.kill(&ctx(), kill("c1", "")).await),
+            (
+                Code::NOT_FOUND,
+                r#"container "c1" already finished"#.to_string()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn an_exec_not_started_yet_cannot_be_killed() {
+        let (shim, _) = service();
+        let c1 = add_running_container(&shim, "c1");
+        add_exec(&c1, "e1");
+        assert_eq!(
+            refusal(shim.kill(&ctx(), kill("c1", "e1")).await),
+            (
+                Code::FAILED_PRECONDITION,
+                r#"exec "e1" of container "c1" was not started"#.to_string()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn signals_for_a_created_or_running_process_go_to_the_agent() {
+        let (shim, _) = service();
+        // The guest already has a created container's init, so the signal is the agent's to judge.
+        add_container(&shim, "c1", NO_AGENT);
+        assert_eq!(
+            refusal(shim.kill(&ctx(), kill("c1", "")).await),
+            (
+                Code::INTERNAL,
+                format!(r#"signalling container "c1": {NO_AGENT_ERROR}"#)
+            )
+        );
+        let c2 = add_running_container(&shim, "c2");
+        add_exec(&c2, "e1").mark_started();
+        assert_eq!(
+            refusal(shim.kill(&ctx(), kill("c2", "e1")).await),
+            (
+                Code::INTERNAL,
+                format!(r#"signalling exec "e1" of container "c2": {NO_AGENT_ERROR}"#)
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_terminal_the_agent_cannot_resize_is_internal() {
+        let (shim, _) = service();
+        let c1 = add_running_container(&shim, "c1");
+        add_exec(&c1, "e1").mark_started();
+        let resize = ResizePtyRequest {
+            id: "c1".to_string(),
+            exec_id: "e1".to_string(),
+            width: 80,
+            height: 24,
+            ..Default::default()
+        };
+        assert_eq!(
+            refusal(shim.resize_pty(&ctx(), resize).await),
+            (
+                Code::INTERNAL,
+                format!(
+                    r#"resizing the terminal of exec "e1" of container "c1": {NO_AGENT_ERROR}"#
+                )
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn closing_stdin_needs_the_process_and_nothing_else() {
+        let (shim, _) = service();
+        let close = |exec_id: &str| CloseIORequest {
+            id: "c1".to_string(),
+            exec_id: exec_id.to_string(),
+            stdin: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            refusal(shim.close_io(&ctx(), close("")).await),
+            (Code::NOT_FOUND, r#"container "c1" not found"#.to_string())
+        );
+        add_running_container(&shim, "c1");
+        // A process without stdin has no copy to end.
+        shim.close_io(&ctx(), close("")).await.expect("close_io");
+    }
+}
