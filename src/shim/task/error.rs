@@ -172,6 +172,7 @@ mod tests {
 
     use super::*;
     use crate::agent::transport::TransportError;
+    use crate::shim::hypervisor::VmError;
 
     fn exec_e1() -> ProcessName {
         ProcessName {
@@ -223,9 +224,10 @@ mod tests {
     #[test]
     fn refusals_the_caller_can_act_on_keep_their_codes_and_messages() {
         let id = crate::mgmt::paths::validate_id("a/b").expect_err("a slash");
-        let config = ConfigError::Parse {
+        let config = ConfigError::Invalid {
             path: "/etc/kata-containers/configuration.toml".into(),
-            message: "expected `=`".into(),
+            key: "hypervisor.qemu.default_memory",
+            why: "must be at least 64".into(),
         };
         let cases = [
             (
@@ -266,7 +268,7 @@ mod tests {
             (
                 TaskError::Config(Arc::new(config)),
                 Code::FAILED_PRECONDITION,
-                "configuration file /etc/kata-containers/configuration.toml: expected `=`",
+                "configuration file /etc/kata-containers/configuration.toml: key hypervisor.qemu.default_memory: must be at least 64",
             ),
             (
                 TaskError::ForeignSandbox {
@@ -319,13 +321,14 @@ mod tests {
     fn a_sandbox_that_cannot_start_is_unavailable() {
         let err = TaskError::from(Box::new(SandboxError::Vm {
             id: "sb1".into(),
-            message: "qemu exited with status 1".into(),
+            source: VmError::Config("vcpus 0 is out of range (1 to 255)".into()),
         }));
         assert_eq!(
             status(err),
             (
                 Code::UNAVAILABLE,
-                "sandbox sb1: starting the VM: qemu exited with status 1".to_string()
+                "sandbox sb1: starting the VM: invalid VM configuration: vcpus 0 is out of range (1 to 255)"
+                    .to_string()
             )
         );
     }
