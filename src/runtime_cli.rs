@@ -49,7 +49,7 @@ pub async fn metrics(id: &str, lookup: &Lookup, timeout: Duration) -> Result<Vec
 }
 
 /// GETs `path` from the first of the sandbox's sockets that answers.
-pub async fn get_from_sandbox(
+pub(crate) async fn get_from_sandbox(
     id: &str,
     lookup: &Lookup,
     path: &str,

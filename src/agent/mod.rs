@@ -2,5 +2,7 @@
 //! reach them ([`transport`]: vsock, hybrid vsock, unix). The protocol itself is [`crate::protocols`];
 //! the host's client is [`crate::agent_client`], the guest's server [`crate::guest`].
 
-pub mod transport;
+// Only the host connects; the guest listens through ttrpc's own vsock listener.
+#[cfg(feature = "host")]
+pub(crate) mod transport;
 pub mod url;

@@ -28,7 +28,7 @@ pub enum TransportError {
 }
 
 /// Opens one stream to the agent, including the hybrid vsock handshake, within `timeout`.
-pub async fn connect(url: &AgentUrl, timeout: Duration) -> Result<Socket, TransportError> {
+pub(crate) async fn connect(url: &AgentUrl, timeout: Duration) -> Result<Socket, TransportError> {
     match tokio::time::timeout(timeout, connect_unbounded(url)).await {
         Ok(result) => result,
         Err(_) => Err(TransportError::Timeout {
@@ -71,7 +71,7 @@ async fn connect_unbounded(url: &AgentUrl) -> Result<Socket, TransportError> {
 }
 
 /// `@name` is our spelling of an abstract socket; tokio wants a leading NUL instead.
-pub fn unix_socket_name(path: &Path) -> std::path::PathBuf {
+pub(crate) fn unix_socket_name(path: &Path) -> std::path::PathBuf {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
     match bytes.strip_prefix(b"@") {
@@ -102,7 +102,7 @@ fn closed_before_answer(port: u32, line: &[u8]) -> String {
 
 /// Writes `CONNECT <port>\n` and expects one line starting with `OK` (vhost-device-vsock answers
 /// `OK <guest port>`, Firecracker `OK <host port>`: only the prefix is common).
-pub async fn hybrid_vsock_handshake<S>(stream: &mut S, port: u32) -> Result<(), String>
+pub(crate) async fn hybrid_vsock_handshake<S>(stream: &mut S, port: u32) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

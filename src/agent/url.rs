@@ -33,16 +33,6 @@ pub enum AgentUrlError {
     Invalid { url: String, what: String },
 }
 
-impl AgentUrl {
-    /// The port on the guest side, where there is one.
-    pub fn port(&self) -> Option<u32> {
-        match self {
-            AgentUrl::Vsock { port, .. } | AgentUrl::Hvsock { port, .. } => Some(*port),
-            AgentUrl::Unix { .. } => None,
-        }
-    }
-}
-
 impl FromStr for AgentUrl {
     type Err = AgentUrlError;
 

@@ -26,7 +26,7 @@ pub enum AgentError {
 
 impl AgentError {
     /// A short label for counting failures.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             AgentError::Transport(TransportError::Timeout { .. }) | AgentError::Timeout { .. } => {
                 "timeout"

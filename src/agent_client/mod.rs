@@ -85,12 +85,8 @@ impl AgentClient {
         self
     }
 
-    pub fn url(&self) -> &AgentUrl {
+    pub(crate) fn url(&self) -> &AgentUrl {
         &self.url
-    }
-
-    pub fn timeouts(&self) -> &AgentTimeouts {
-        &self.timeouts
     }
 
     /// One health check; succeeds only if the agent says it is serving.
@@ -106,7 +102,7 @@ impl AgentClient {
     }
 
     /// Forgets the current connection; the next call opens a new one.
-    pub async fn disconnect(&self) {
+    pub(crate) async fn disconnect(&self) {
         self.connection.lock().await.take();
     }
 

@@ -6,13 +6,13 @@ use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
 use crate::metrics::guest::GuestCollector;
 use crate::metrics::process::{ProcessCollector, ProcessCollectorOptions, Target};
 
-pub struct AgentMetrics {
+pub(crate) struct AgentMetrics {
     registry: Registry,
     scrapes: IntCounter,
 }
 
 impl AgentMetrics {
-    pub fn new() -> Result<Self, prometheus::Error> {
+    pub(crate) fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         registry.register(Box::new(GuestCollector::new()?))?;
         registry.register(Box::new(ProcessCollector::new(
@@ -30,7 +30,7 @@ impl AgentMetrics {
     }
 
     /// Counts this scrape and returns every family in text format 0.0.4.
-    pub fn render(&self) -> Result<String, prometheus::Error> {
+    pub(crate) fn render(&self) -> Result<String, prometheus::Error> {
         self.scrapes.inc();
         let mut out = Vec::with_capacity(64 * 1024);
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;

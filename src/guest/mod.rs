@@ -10,6 +10,6 @@
 
 pub mod boot;
 pub mod container;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod reaper;
 pub mod service;

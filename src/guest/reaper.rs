@@ -17,7 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 /// `None` while the process runs; `Some(exit code)` once it was reaped.
-pub type ExitWatch = watch::Receiver<Option<i32>>;
+pub(crate) type ExitWatch = watch::Receiver<Option<i32>>;
 
 #[derive(Clone, Default)]
 pub struct Reaper {
@@ -44,7 +44,10 @@ impl Reaper {
 
     /// Runs `fork` (which must start exactly one child and return its pid) under the reaper's
     /// lock and registers the pid, so its status cannot be reaped before it is claimed.
-    pub fn spawn<E>(&self, fork: impl FnOnce() -> Result<Pid, E>) -> Result<(Pid, ExitWatch), E> {
+    pub(crate) fn spawn<E>(
+        &self,
+        fork: impl FnOnce() -> Result<Pid, E>,
+    ) -> Result<(Pid, ExitWatch), E> {
         let mut waiters = self.lock();
         let pid = fork()?;
         let (tx, rx) = watch::channel(None);
@@ -54,7 +57,7 @@ impl Reaper {
 
     /// Sends `signal` to a registered child that has not been reaped yet; a no-op afterwards.
     /// Checked under the reaper's lock, so a reaped (and maybe reused) pid is never signalled.
-    pub fn kill(&self, pid: Pid, exit: &ExitWatch, signal: Signal) -> nix::Result<()> {
+    pub(crate) fn kill(&self, pid: Pid, exit: &ExitWatch, signal: Signal) -> nix::Result<()> {
         let _waiters = self.lock();
         if exit.borrow().is_some() {
             return Ok(());
@@ -99,7 +102,7 @@ impl Reaper {
 }
 
 /// The shell's convention: a normal exit gives its code, death by signal N gives 128 + N.
-pub fn exit_code(status: WaitStatus) -> Option<(Pid, i32)> {
+pub(crate) fn exit_code(status: WaitStatus) -> Option<(Pid, i32)> {
     match status {
         WaitStatus::Exited(pid, code) => Some((pid, code)),
         WaitStatus::Signaled(pid, sig, _) => Some((pid, 128 + sig as i32)),
@@ -108,7 +111,7 @@ pub fn exit_code(status: WaitStatus) -> Option<(Pid, i32)> {
 }
 
 /// Waits until the process behind `exit` was reaped; any number of waiters, before or after.
-pub async fn wait_exit(mut exit: ExitWatch) -> i32 {
+pub(crate) async fn wait_exit(mut exit: ExitWatch) -> i32 {
     // The sender lives in the reaper's map until the exit is sent; an error (dropped sender)
     // means the agent is shutting down.
     let _ = exit.wait_for(Option::is_some).await;

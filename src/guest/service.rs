@@ -227,7 +227,7 @@ fn stream_error(id: &str, what: &str, err: std::io::Error) -> ttrpc::Error {
     status(code, format!("{what} of container {id:?}: {err}"))
 }
 
-pub struct HealthService;
+pub(crate) struct HealthService;
 
 #[async_trait]
 impl health_ttrpc::Health for HealthService {

@@ -7,13 +7,13 @@ use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
 
 /// One gauge family a collector may produce: its descriptor (checked once, at registration) and the
 /// label names its samples carry, in order.
-pub struct GaugeSpec {
-    pub desc: Desc,
-    pub labels: &'static [&'static str],
+pub(crate) struct GaugeSpec {
+    pub(crate) desc: Desc,
+    pub(crate) labels: &'static [&'static str],
 }
 
 impl GaugeSpec {
-    pub fn new(
+    pub(crate) fn new(
         name: &str,
         help: &str,
         labels: &'static [&'static str],
@@ -27,12 +27,8 @@ impl GaugeSpec {
         Ok(GaugeSpec { desc, labels })
     }
 
-    pub fn name(&self) -> &str {
-        &self.desc.fq_name
-    }
-
     /// An empty family of this kind, to be filled with [`GaugeFamily::add`].
-    pub fn family(&self) -> GaugeFamily<'_> {
+    pub(crate) fn family(&self) -> GaugeFamily<'_> {
         let mut family = MetricFamily::default();
         family.set_name(self.desc.fq_name.clone());
         family.set_help(self.desc.help.clone());
@@ -41,21 +37,21 @@ impl GaugeSpec {
     }
 
     /// The family with one unlabelled sample.
-    pub fn single(&self, value: f64) -> MetricFamily {
+    pub(crate) fn single(&self, value: f64) -> MetricFamily {
         let mut family = self.family();
         family.add(&[], value);
         family.finish()
     }
 }
 
-pub struct GaugeFamily<'a> {
+pub(crate) struct GaugeFamily<'a> {
     spec: &'a GaugeSpec,
     family: MetricFamily,
 }
 
 impl GaugeFamily<'_> {
     /// Adds a sample; `values` follow the spec's label names, in order.
-    pub fn add(&mut self, values: &[&str], value: f64) {
+    pub(crate) fn add(&mut self, values: &[&str], value: f64) {
         let labels = self
             .spec
             .labels
@@ -75,7 +71,7 @@ impl GaugeFamily<'_> {
         self.family.mut_metric().push(metric);
     }
 
-    pub fn finish(self) -> MetricFamily {
+    pub(crate) fn finish(self) -> MetricFamily {
         self.family
     }
 }

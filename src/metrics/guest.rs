@@ -10,7 +10,7 @@ use prometheus::proto::MetricFamily;
 use super::family::GaugeSpec;
 use super::process::netdev_family;
 
-pub struct GuestCollector {
+pub(crate) struct GuestCollector {
     cpu_time: GaugeSpec,
     meminfo: GaugeSpec,
     netdev: GaugeSpec,
@@ -22,7 +22,7 @@ pub struct GuestCollector {
 }
 
 impl GuestCollector {
-    pub fn new() -> prometheus::Result<Self> {
+    pub(crate) fn new() -> prometheus::Result<Self> {
         let collector = GuestCollector {
             cpu_time: GaugeSpec::new(
                 "kata_guest_cpu_time",
@@ -142,7 +142,7 @@ const CPU_ITEMS: [&str; 10] = [
 
 /// `cpu` lines of /proc/stat: the aggregate line becomes cpu="total", `cpuN` becomes cpu="N" (so
 /// offline CPUs, which have no line, have no series).
-pub fn cpu_time_family(spec: &GaugeSpec, proc_stat: &str) -> MetricFamily {
+pub(crate) fn cpu_time_family(spec: &GaugeSpec, proc_stat: &str) -> MetricFamily {
     let mut family = spec.family();
     for line in proc_stat.lines().filter(|l| l.starts_with("cpu")) {
         let mut fields = line.split_whitespace();
@@ -162,7 +162,7 @@ pub fn cpu_time_family(spec: &GaugeSpec, proc_stat: &str) -> MetricFamily {
 }
 
 /// /proc/meminfo with Kata's item names (`MemTotal` → `mem_total`, `Active(anon)` → `active_anon`).
-pub fn meminfo_family(spec: &GaugeSpec, meminfo: &str) -> MetricFamily {
+pub(crate) fn meminfo_family(spec: &GaugeSpec, meminfo: &str) -> MetricFamily {
     let mut family = spec.family();
     for line in meminfo.lines() {
         let Some((key, rest)) = line.split_once(':') else {
@@ -187,7 +187,7 @@ pub fn meminfo_family(spec: &GaugeSpec, meminfo: &str) -> MetricFamily {
 
 /// Kata's (procfs') names for /proc/meminfo keys; the irregular ones are listed, the rest follow
 /// CamelCase → snake_case.
-pub fn meminfo_item(key: &str) -> String {
+pub(crate) fn meminfo_item(key: &str) -> String {
     let irregular = [
         ("KReclaimable", "k_reclaimable"),
         ("SReclaimable", "s_reclaimable"),

@@ -2,7 +2,10 @@
 //! Prometheus text handling ([`exposition`]). Nothing here knows the shim, the agent or the
 //! monitor: they build on this.
 
+// Parsing and encoding text is the host's job (the shim checks the guest's text, the monitor
+// merges the shims'); the guest encodes with prometheus' own encoder.
+#[cfg(feature = "host")]
 pub mod exposition;
-pub mod family;
-pub mod guest;
-pub mod process;
+pub(crate) mod family;
+pub(crate) mod guest;
+pub(crate) mod process;

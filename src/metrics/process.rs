@@ -13,36 +13,40 @@ use super::family::GaugeSpec;
 
 /// Which process a collector watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
+pub(crate) enum Target {
     /// The calling process (`/proc/self`), whatever its pid.
     SelfProcess,
+    #[cfg_attr(not(feature = "host"), allow(dead_code))] // the guest watches only itself
     Pid(i32),
 }
 
 /// Kata's runtime and agent spell the `/proc/<pid>/io` items differently; each keeps its spelling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IoItemNames {
+pub(crate) enum IoItemNames {
     /// `readbytes`, `writebytes`, `cancelledwritebytes` (shim, hypervisor).
+    #[cfg_attr(not(feature = "host"), allow(dead_code))] // the host's spelling
     Runtime,
     /// `read_bytes`, `write_bytes`, `cancelled_write_byte` (agent).
     Agent,
 }
 
 #[derive(Debug, Clone)]
-pub struct ProcessCollectorOptions {
+pub(crate) struct ProcessCollectorOptions {
     /// Start of every HELP text, e.g. "Hypervisor process".
-    pub title: &'static str,
+    pub(crate) title: &'static str,
     /// `_threads` and `_fds` families.
-    pub threads_and_fds: bool,
+    pub(crate) threads_and_fds: bool,
     /// `_netdev{interface,item}` from the process's network namespace.
-    pub netdev: bool,
+    pub(crate) netdev: bool,
     /// `_total_time`, `_total_vm`, `_total_rss` (the agent's summary gauges).
-    pub totals: bool,
-    pub io_item_names: IoItemNames,
+    pub(crate) totals: bool,
+    pub(crate) io_item_names: IoItemNames,
 }
 
+// The shim's, the hypervisor's and the monitor's options are the host's; the guest uses `agent`.
+#[cfg_attr(not(feature = "host"), allow(dead_code))]
 impl ProcessCollectorOptions {
-    pub fn shim() -> Self {
+    pub(crate) fn shim() -> Self {
         ProcessCollectorOptions {
             title: "Kata containerd shim v2 process",
             threads_and_fds: true,
@@ -52,14 +56,14 @@ impl ProcessCollectorOptions {
         }
     }
 
-    pub fn hypervisor() -> Self {
+    pub(crate) fn hypervisor() -> Self {
         ProcessCollectorOptions {
             title: "Hypervisor process",
             ..Self::shim()
         }
     }
 
-    pub fn agent() -> Self {
+    pub(crate) fn agent() -> Self {
         ProcessCollectorOptions {
             title: "Agent process",
             threads_and_fds: false,
@@ -69,9 +73,10 @@ impl ProcessCollectorOptions {
         }
     }
 
-    pub fn monitor() -> Self {
+    pub(crate) fn monitor() -> Self {
         ProcessCollectorOptions {
             title: "kata-monitor process",
+            // The host's network counters are not the monitor's business.
             netdev: false,
             ..Self::shim()
         }
@@ -88,7 +93,7 @@ struct Families {
     totals: Option<[GaugeSpec; 3]>,
 }
 
-pub struct ProcessCollector {
+pub(crate) struct ProcessCollector {
     target: Target,
     io_item_names: IoItemNames,
     families: Families,
@@ -96,7 +101,7 @@ pub struct ProcessCollector {
 }
 
 impl ProcessCollector {
-    pub fn new(
+    pub(crate) fn new(
         target: Target,
         prefix: &str,
         options: ProcessCollectorOptions,
@@ -323,7 +328,7 @@ fn status_family(spec: &GaugeSpec, status: &procfs::process::Status) -> MetricFa
 }
 
 /// `<prefix>_netdev` or `kata_guest_netdev_stat`: the 16 counters of `/proc/net/dev` per interface.
-pub fn netdev_family<'a>(
+pub(crate) fn netdev_family<'a>(
     spec: &GaugeSpec,
     devices: impl Iterator<Item = &'a procfs::net::DeviceStatus>,
 ) -> MetricFamily {

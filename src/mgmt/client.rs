@@ -24,8 +24,27 @@ pub enum ClientError {
         address: String,
         source: std::io::Error,
     },
-    #[error("HTTP exchange with {address}: {what}")]
-    Http { address: String, what: String },
+    #[error("HTTP exchange with {address}: {source}")]
+    Http {
+        address: String,
+        source: hyper::Error,
+    },
+    #[error("HTTP exchange with {address}: building the request for {path:?}: {source}")]
+    Request {
+        address: String,
+        path: String,
+        source: hyper::http::Error,
+    },
+    #[error("HTTP exchange with {address}: {source}")]
+    Body {
+        address: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("HTTP exchange with {address}: invalid gzip body: {source}")]
+    Gzip {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("no complete answer from {address} within {timeout:?}")]
     Timeout { address: String, timeout: Duration },
     #[error("the answer from {address} is larger than {limit} bytes")]
@@ -34,7 +53,7 @@ pub enum ClientError {
 
 impl ClientError {
     /// True when nothing listens at the address (no such sandbox, or a stale socket file).
-    pub fn is_not_found(&self) -> bool {
+    pub(crate) fn is_not_found(&self) -> bool {
         matches!(self, ClientError::Connect { source, .. }
             if matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused))
     }
@@ -43,7 +62,6 @@ impl ClientError {
 #[derive(Debug)]
 pub struct HttpResponse {
     pub status: StatusCode,
-    pub content_type: Option<String>,
     pub body: Bytes,
 }
 
@@ -90,9 +108,9 @@ async fn get_unbounded(
     path_and_query: &str,
     options: &GetOptions,
 ) -> Result<HttpResponse, ClientError> {
-    let http_err = |what: String| ClientError::Http {
+    let http_err = |source| ClientError::Http {
         address: address.to_string(),
-        what,
+        source,
     };
     let stream = UnixStream::connect(address.to_socket_path())
         .await
@@ -102,12 +120,16 @@ async fn get_unbounded(
         })?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| http_err(e.to_string()))?;
+        .map_err(http_err)?;
     let driver = tokio::spawn(connection);
 
     let mut request = Request::get(path_and_query)
         .body(Empty::<Bytes>::new())
-        .map_err(|e| http_err(format!("building the request for {path_and_query:?}: {e}")))?;
+        .map_err(|source| ClientError::Request {
+            address: address.to_string(),
+            path: path_and_query.to_string(),
+            source,
+        })?;
     request
         .headers_mut()
         .insert(HOST, HeaderValue::from_static("localhost"));
@@ -116,10 +138,7 @@ async fn get_unbounded(
             .headers_mut()
             .insert(ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
     }
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| http_err(e.to_string()))?;
+    let response = sender.send_request(request).await.map_err(http_err)?;
     let status = response.status();
     let header = |name| {
         response
@@ -128,7 +147,6 @@ async fn get_unbounded(
             .and_then(|v: &HeaderValue| v.to_str().ok())
             .map(str::to_string)
     };
-    let content_type = header(hyper::header::CONTENT_TYPE);
     let gzipped = header(CONTENT_ENCODING).is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
     let body = Limited::new(response.into_body(), options.max_body)
         .collect()
@@ -142,7 +160,10 @@ async fn get_unbounded(
                     limit: options.max_body,
                 }
             } else {
-                http_err(e.to_string())
+                ClientError::Body {
+                    address: address.to_string(),
+                    source: e,
+                }
             }
         })?
         .to_bytes();
@@ -153,16 +174,15 @@ async fn get_unbounded(
                 address: address.to_string(),
                 limit: options.max_body,
             },
-            GunzipError::Invalid(e) => http_err(format!("invalid gzip body: {e}")),
+            GunzipError::Invalid(source) => ClientError::Gzip {
+                address: address.to_string(),
+                source,
+            },
         })?
     } else {
         body
     };
-    Ok(HttpResponse {
-        status,
-        content_type,
-        body,
-    })
+    Ok(HttpResponse { status, body })
 }
 
 enum GunzipError {

@@ -2,8 +2,8 @@
 
 pub mod client;
 pub mod paths;
-pub mod peer;
-pub mod pod;
-pub mod server;
+pub(crate) mod peer;
+pub(crate) mod pod;
+pub(crate) mod server;
 
 pub use pod::{pod_identity_from_annotations, PodIdentity};

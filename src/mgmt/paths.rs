@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use procfs::net::UnixNetEntry;
 
 /// The default run directory that Kata tooling looks in.
-pub const DEFAULT_RUN_DIR: &str = "/run/vc/sbs";
+pub(crate) const DEFAULT_RUN_DIR: &str = "/run/vc/sbs";
 /// The second place clients look for a sandbox's file socket.
-pub const KATA_RUN_DIR: &str = "/run/kata";
+pub(crate) const KATA_RUN_DIR: &str = "/run/kata";
 /// Environment variable that moves the run directory (tests, side-by-side installs).
-pub const RUN_DIR_ENV: &str = "KATA_SANDBOX_RUN_DIR";
+pub(crate) const RUN_DIR_ENV: &str = "KATA_SANDBOX_RUN_DIR";
 /// The socket's file name, inside the sandbox's directory.
-pub const SOCKET_NAME: &str = "shim-monitor.sock";
+pub(crate) const SOCKET_NAME: &str = "shim-monitor.sock";
 
 /// Longest sandbox id we accept (containerd allows 76 characters).
 const MAX_ID_LEN: usize = 76;
@@ -30,7 +30,7 @@ pub enum IdError {
 
 /// Checks an id the way containerd does (letters, digits, and `.`, `_`, `-` between them), so it is
 /// safe as one path component and inside a socket name.
-pub fn validate_id(id: &str) -> Result<(), IdError> {
+pub(crate) fn validate_id(id: &str) -> Result<(), IdError> {
     let invalid = |why| IdError::Invalid {
         id: id.to_string(),
         why,
@@ -71,17 +71,17 @@ pub fn run_dir(configured: Option<&Path>) -> PathBuf {
 }
 
 /// The sandbox's own directory under the run directory.
-pub fn sandbox_dir(run_dir: &Path, id: &str) -> PathBuf {
+pub(crate) fn sandbox_dir(run_dir: &Path, id: &str) -> PathBuf {
     run_dir.join(id)
 }
 
 /// The file socket of a sandbox.
-pub fn file_socket_path(run_dir: &Path, id: &str) -> PathBuf {
+pub(crate) fn file_socket_path(run_dir: &Path, id: &str) -> PathBuf {
     sandbox_dir(run_dir, id).join(SOCKET_NAME)
 }
 
 /// The abstract socket name of a sandbox, without the leading NUL.
-pub fn abstract_socket_name(namespace: &str, id: &str) -> String {
+pub(crate) fn abstract_socket_name(namespace: &str, id: &str) -> String {
     format!("/containerd-shim/{namespace}/{id}/{SOCKET_NAME}")
 }
 
@@ -95,7 +95,7 @@ pub enum SocketAddress {
 
 impl SocketAddress {
     /// The form tokio's unix sockets take (a leading NUL for abstract names).
-    pub fn to_socket_path(&self) -> PathBuf {
+    pub(crate) fn to_socket_path(&self) -> PathBuf {
         match self {
             SocketAddress::File(path) => path.clone(),
             SocketAddress::Abstract(name) => PathBuf::from(format!("\0{name}")),
@@ -115,7 +115,7 @@ impl fmt::Display for SocketAddress {
 /// Every address where a client may find the sandbox `id`, in the order to try them: file sockets
 /// that exist in the run directories, then the abstract socket (its namespace given, or looked up
 /// in `/proc/net/unix`).
-pub fn candidate_sockets(
+pub(crate) fn candidate_sockets(
     id: &str,
     run_dirs: &[PathBuf],
     namespace: Option<&str>,
@@ -142,7 +142,7 @@ pub fn candidate_sockets(
 }
 
 /// The run directories a client searches by default: the configured one, then `/run/kata`.
-pub fn default_client_run_dirs() -> Vec<PathBuf> {
+pub(crate) fn default_client_run_dirs() -> Vec<PathBuf> {
     let mut dirs = vec![run_dir(None)];
     if dirs[0] != Path::new(KATA_RUN_DIR) {
         dirs.push(PathBuf::from(KATA_RUN_DIR));

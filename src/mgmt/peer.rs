@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
-pub enum PeerRefused {
+pub(crate) enum PeerRefused {
     #[error("peer credentials unavailable: {0}")]
     NoCredentials(#[source] std::io::Error),
     #[error("peer credentials unavailable: no peer pid")]
@@ -28,14 +28,14 @@ pub enum PeerRefused {
 
 /// The rule: which uid and mount namespace a peer must have.
 #[derive(Debug, Clone)]
-pub struct PeerPolicy {
+pub(crate) struct PeerPolicy {
     own_uid: u32,
     own_mount_ns: String,
 }
 
 impl PeerPolicy {
     /// The policy for this process: its effective uid and its mount namespace.
-    pub fn for_this_process() -> std::io::Result<Self> {
+    pub(crate) fn for_this_process() -> std::io::Result<Self> {
         Ok(PeerPolicy {
             own_uid: nix::unistd::geteuid().as_raw(),
             own_mount_ns: mount_namespace("self")?,
@@ -43,7 +43,7 @@ impl PeerPolicy {
     }
 
     /// Checks the process at the other end of `stream`.
-    pub fn check(&self, stream: &UnixStream) -> Result<(), PeerRefused> {
+    pub(crate) fn check(&self, stream: &UnixStream) -> Result<(), PeerRefused> {
         let cred = stream.peer_cred().map_err(PeerRefused::NoCredentials)?;
         let uid = cred.uid();
         if uid != 0 && uid != self.own_uid {

@@ -13,18 +13,18 @@
 use std::collections::HashMap;
 
 /// The OCI annotations containerd's CRI plugin sets on a sandbox.
-pub const ANNOTATION_NAME: &str = "io.kubernetes.cri.sandbox-name";
-pub const ANNOTATION_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
-pub const ANNOTATION_UID: &str = "io.kubernetes.cri.sandbox-uid";
+pub(crate) const ANNOTATION_NAME: &str = "io.kubernetes.cri.sandbox-name";
+pub(crate) const ANNOTATION_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+pub(crate) const ANNOTATION_UID: &str = "io.kubernetes.cri.sandbox-uid";
 
 /// Longest value accepted: Kubernetes names are at most 253 characters.
 const MAX_VALUE_LEN: usize = 253;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodIdentity {
-    pub uid: String,
-    pub name: String,
-    pub namespace: String,
+    pub(crate) uid: String,
+    pub(crate) name: String,
+    pub(crate) namespace: String,
 }
 
 /// True when `value` can be served and used as a label value as it is.
@@ -54,12 +54,12 @@ pub fn pod_identity_from_annotations(annotations: &HashMap<String, String>) -> O
 }
 
 impl PodIdentity {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.uid.is_empty() && self.name.is_empty() && self.namespace.is_empty()
     }
 
     /// The `/pod-labels` body.
-    pub fn to_text(&self) -> String {
+    pub(crate) fn to_text(&self) -> String {
         let mut out = String::new();
         for (key, value) in self.pairs() {
             if !value.is_empty() && acceptable(value) {
@@ -74,7 +74,7 @@ impl PodIdentity {
 
     /// Reads a `/pod-labels` body. Unknown keys and unusable values are skipped: the body comes from
     /// another process and must never fail a scrape.
-    pub fn from_text(text: &str) -> PodIdentity {
+    pub(crate) fn from_text(text: &str) -> PodIdentity {
         let mut pod = PodIdentity::default();
         for line in text.lines() {
             let Some((key, value)) = line.split_once('=') else {
@@ -95,7 +95,7 @@ impl PodIdentity {
     }
 
     /// (label name, value) in the order kata-monitor appends them.
-    pub fn pairs(&self) -> [(&'static str, &str); 3] {
+    pub(crate) fn pairs(&self) -> [(&'static str, &str); 3] {
         [
             ("cri_uid", &self.uid),
             ("cri_name", &self.name),

@@ -27,7 +27,7 @@ use super::peer::PeerPolicy;
 use super::pod::PodIdentity;
 
 /// Prometheus text format 0.0.4.
-pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,26 +39,26 @@ const MAX_REQUEST_BUFFER: usize = 16 * 1024;
 /// What `GET /metrics` serves: the whole body of one scrape. It must answer within its own
 /// deadlines and never fail (the shim's scrape reports a missing agent inside the body).
 #[async_trait::async_trait]
-pub trait MetricsSource: Send + Sync {
+pub(crate) trait MetricsSource: Send + Sync {
     async fn render(&self) -> String;
 }
 
 /// What the server answers with.
-pub struct MgmtState {
-    pub metrics: Box<dyn MetricsSource>,
-    pub agent_url: String,
+pub(crate) struct MgmtState {
+    pub(crate) metrics: Box<dyn MetricsSource>,
+    pub(crate) agent_url: String,
     /// The pod this sandbox belongs to (served on `/pod-labels`), when the shim knows it.
-    pub pod: Option<PodIdentity>,
+    pub(crate) pod: Option<PodIdentity>,
 }
 
 /// Where the server listens.
 #[derive(Debug, Clone)]
-pub struct MgmtConfig {
-    pub sandbox_id: String,
-    pub namespace: String,
-    pub run_dir: PathBuf,
+pub(crate) struct MgmtConfig {
+    pub(crate) sandbox_id: String,
+    pub(crate) namespace: String,
+    pub(crate) run_dir: PathBuf,
     /// Serve the Kata 2.0 abstract address as well (on by default).
-    pub abstract_socket: bool,
+    pub(crate) abstract_socket: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,13 +88,15 @@ pub enum MgmtError {
 /// or when it is dropped.
 pub struct MgmtServer {
     sandbox_dir: PathBuf,
-    file_socket: PathBuf,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl MgmtServer {
-    pub async fn start(config: MgmtConfig, state: Arc<MgmtState>) -> Result<MgmtServer, MgmtError> {
+    pub(crate) async fn start(
+        config: MgmtConfig,
+        state: Arc<MgmtState>,
+    ) -> Result<MgmtServer, MgmtError> {
         paths::validate_id(&config.sandbox_id)?;
         validate_namespace(&config.namespace)?;
 
@@ -109,7 +111,6 @@ impl MgmtServer {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut server = MgmtServer {
             sandbox_dir,
-            file_socket: file_socket.clone(),
             stop,
             tasks: Vec::new(),
         };
@@ -147,11 +148,6 @@ impl MgmtServer {
         Ok(server)
     }
 
-    /// The file socket's path.
-    pub fn file_socket(&self) -> &Path {
-        &self.file_socket
-    }
-
     /// Stops accepting, and removes the sockets and the sandbox directory.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
@@ -177,7 +173,7 @@ impl Drop for MgmtServer {
 }
 
 /// Removes what a management server of `id` leaves under `run_dir` (used by `delete` after a crash).
-pub fn remove_sandbox_files(run_dir: &Path, id: &str) -> Result<(), paths::IdError> {
+pub(crate) fn remove_sandbox_files(run_dir: &Path, id: &str) -> Result<(), paths::IdError> {
     paths::validate_id(id)?;
     remove_sandbox_files_at(&paths::sandbox_dir(run_dir, id));
     Ok(())
@@ -364,7 +360,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 /// True when the client lists gzip in Accept-Encoding without refusing it (`q=0`).
-pub fn accepts_gzip<B>(req: &Request<B>) -> bool {
+pub(crate) fn accepts_gzip<B>(req: &Request<B>) -> bool {
     req.headers()
         .get_all(ACCEPT_ENCODING)
         .iter()
@@ -380,7 +376,7 @@ pub fn accepts_gzip<B>(req: &Request<B>) -> bool {
         })
 }
 
-pub fn gzip_bytes(data: &[u8]) -> std::io::Result<Vec<u8>> {
+pub(crate) fn gzip_bytes(data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut encoder = flate2::write::GzEncoder::new(
         Vec::with_capacity(data.len() / 4),
         flate2::Compression::fast(),

@@ -19,10 +19,10 @@ const RESERVED_PREFIX: &str = "kata_monitor_";
 
 /// One family of one sandbox: its sample lines, ready but for the host labels.
 #[derive(Debug, Clone, PartialEq)]
-pub struct FamilyBlock {
-    pub name: String,
-    pub help: String,
-    pub kind: MetricType,
+pub(crate) struct FamilyBlock {
+    pub(crate) name: String,
+    pub(crate) help: String,
+    pub(crate) kind: MetricType,
     /// The sample names of this family (`x`, or `x_bucket`, `x_sum`, `x_count`...), stored once:
     /// they are half of a typical body.
     names: Vec<String>,
@@ -110,7 +110,7 @@ impl FamilyBlock {
     }
 
     /// Writes the lines with `host` (`sandbox_id="..",...`, possibly empty) added to each.
-    pub fn write_lines(&self, host: &str, out: &mut String) {
+    pub(crate) fn write_lines(&self, host: &str, out: &mut String) {
         let mut start = 0usize;
         for (&insert, &name) in self.inserts.iter().zip(&self.name_of) {
             let offset = (insert & !HAS_LABELS) as usize;
@@ -143,14 +143,14 @@ impl FamilyBlock {
 
 /// What one sandbox contributed to a scrape.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct ShimBody {
+pub(crate) struct ShimBody {
     /// Sorted by name, one block per name.
-    pub families: Vec<FamilyBlock>,
+    pub(crate) families: Vec<FamilyBlock>,
 }
 
 /// Builds a sandbox's blocks from its parsed families: `process_*` renamed, host labels removed,
 /// reserved or repeated families dropped. Returns the body and how many families were dropped.
-pub fn shim_body(families: Vec<Family>) -> (ShimBody, usize) {
+pub(crate) fn shim_body(families: Vec<Family>) -> (ShimBody, usize) {
     let mut dropped = 0;
     let mut blocks: Vec<FamilyBlock> = Vec::with_capacity(families.len());
     for mut family in families {
@@ -171,7 +171,7 @@ pub fn shim_body(families: Vec<Family>) -> (ShimBody, usize) {
 }
 
 /// One of the monitor's own families as a block, labels as they are.
-pub fn block_of(family: &Family) -> FamilyBlock {
+pub(crate) fn block_of(family: &Family) -> FamilyBlock {
     block_with(family, false)
 }
 
@@ -190,20 +190,20 @@ fn block_with(family: &Family, strip_host_labels: bool) -> FamilyBlock {
 /// The families of all sandboxes, merged by name: for each name (sorted), its HELP/TYPE from the
 /// first sandbox that has it and every sandbox's lines in sandbox order. A sandbox whose family
 /// has another type than the first one is left out of that family (counted in `conflicts`).
-pub struct Merged<'a> {
-    pub families: BTreeMap<&'a str, MergedFamily<'a>>,
-    pub conflicts: usize,
+pub(crate) struct Merged<'a> {
+    pub(crate) families: BTreeMap<&'a str, MergedFamily<'a>>,
+    pub(crate) conflicts: usize,
 }
 
-pub struct MergedFamily<'a> {
-    pub help: &'a str,
-    pub kind: MetricType,
+pub(crate) struct MergedFamily<'a> {
+    pub(crate) help: &'a str,
+    pub(crate) kind: MetricType,
     /// (host labels, block) in sandbox order.
-    pub parts: Vec<(&'a str, &'a FamilyBlock)>,
+    pub(crate) parts: Vec<(&'a str, &'a FamilyBlock)>,
 }
 
 /// `sources`: (host label text, blocks) per sandbox, in output order.
-pub fn merge<'a>(sources: &'a [(String, Vec<FamilyBlock>)]) -> Merged<'a> {
+pub(crate) fn merge<'a>(sources: &'a [(String, Vec<FamilyBlock>)]) -> Merged<'a> {
     let mut merged = Merged {
         families: BTreeMap::new(),
         conflicts: 0,
@@ -230,7 +230,7 @@ pub fn merge<'a>(sources: &'a [(String, Vec<FamilyBlock>)]) -> Merged<'a> {
 
 /// `sandbox_id="..",cri_uid="..",cri_name="..",cri_namespace=".."` (empty values left out: in
 /// Prometheus an empty label is no label).
-pub fn host_labels(sandbox_id: &str, pod: &[(&str, &str); 3]) -> String {
+pub(crate) fn host_labels(sandbox_id: &str, pod: &[(&str, &str); 3]) -> String {
     let mut out = String::with_capacity(160);
     out.push_str("sandbox_id=\"");
     escape_label_value(sandbox_id, &mut out);
@@ -248,7 +248,7 @@ pub fn host_labels(sandbox_id: &str, pod: &[(&str, &str); 3]) -> String {
 }
 
 /// The monitor's own registry as families (no host labels), through the same path as the shims'.
-pub fn families_of_registry(gathered: &[prometheus::proto::MetricFamily]) -> Vec<Family> {
+pub(crate) fn families_of_registry(gathered: &[prometheus::proto::MetricFamily]) -> Vec<Family> {
     use prometheus::proto::MetricType as P;
     gathered
         .iter()

@@ -9,7 +9,7 @@ use clap::Parser;
 use crate::mgmt::paths::{DEFAULT_RUN_DIR, KATA_RUN_DIR};
 
 /// Prometheus' default scrape timeout is 10 s; a whole scrape must end before it.
-pub const MAX_SCRAPE_DEADLINE: Duration = Duration::from_secs(8);
+pub(crate) const MAX_SCRAPE_DEADLINE: Duration = Duration::from_secs(8);
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -19,34 +19,34 @@ pub const MAX_SCRAPE_DEADLINE: Duration = Duration::from_secs(8);
 pub struct Args {
     /// Address the HTTP server listens on.
     #[arg(long, default_value = "127.0.0.1:8090")]
-    pub listen_address: SocketAddr,
+    pub(crate) listen_address: SocketAddr,
     /// CRI socket. Accepted for compatibility: pod labels come from the shims (`/pod-labels`), and
     /// this monitor does not query CRI.
     #[arg(long)]
-    pub runtime_endpoint: Option<String>,
+    pub(crate) runtime_endpoint: Option<String>,
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     #[arg(long, default_value = "info")]
     pub log_level: String,
     /// A directory holding `<sandbox id>/shim-monitor.sock` (repeatable). Default: /run/vc/sbs and
     /// /run/kata. A directory that does not exist yet is picked up when it appears.
     #[arg(long = "run-dir")]
-    pub run_dirs: Vec<PathBuf>,
+    pub(crate) run_dirs: Vec<PathBuf>,
     /// Deadline for one shim's answer.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    pub scrape_timeout: Duration,
+    pub(crate) scrape_timeout: Duration,
     /// Shims scraped at once.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub concurrency: u32,
+    pub(crate) concurrency: u32,
 }
 
 /// What the monitor runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen_address: SocketAddr,
-    pub runtime_endpoint: Option<String>,
-    pub run_dirs: Vec<PathBuf>,
-    pub scrape_timeout: Duration,
-    pub concurrency: usize,
+    pub(crate) listen_address: SocketAddr,
+    pub(crate) runtime_endpoint: Option<String>,
+    pub(crate) run_dirs: Vec<PathBuf>,
+    pub(crate) scrape_timeout: Duration,
+    pub(crate) concurrency: usize,
 }
 
 #[derive(Debug, thiserror::Error)]

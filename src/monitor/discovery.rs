@@ -22,7 +22,7 @@ const RESCAN_EVERY: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_millis(20);
 
 /// Every sandbox socket in `run_dirs`; when an id is in two directories, the first directory wins.
-pub fn scan(run_dirs: &[PathBuf]) -> BTreeMap<String, SocketAddress> {
+pub(crate) fn scan(run_dirs: &[PathBuf]) -> BTreeMap<String, SocketAddress> {
     let mut found = BTreeMap::new();
     for dir in run_dirs {
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -48,7 +48,7 @@ pub fn scan(run_dirs: &[PathBuf]) -> BTreeMap<String, SocketAddress> {
 }
 
 /// Applies one scan to the registry and the monitor's gauges.
-pub fn refresh(run_dirs: &[PathBuf], sandboxes: &Sandboxes, metrics: &MonitorMetrics) {
+pub(crate) fn refresh(run_dirs: &[PathBuf], sandboxes: &Sandboxes, metrics: &MonitorMetrics) {
     let changes = sandboxes.replace_all(scan(run_dirs));
     for id in &changes.added {
         tracing::info!(sandbox = %id, "sandbox found");
@@ -61,7 +61,11 @@ pub fn refresh(run_dirs: &[PathBuf], sandboxes: &Sandboxes, metrics: &MonitorMet
 }
 
 /// Keeps `sandboxes` in step with the run directories until the task is dropped.
-pub async fn run(run_dirs: Vec<PathBuf>, sandboxes: Arc<Sandboxes>, metrics: Arc<MonitorMetrics>) {
+pub(crate) async fn run(
+    run_dirs: Vec<PathBuf>,
+    sandboxes: Arc<Sandboxes>,
+    metrics: Arc<MonitorMetrics>,
+) {
     let (wake, mut woken) = mpsc::channel::<()>(1);
     let mut watcher = match notify::recommended_watcher(move |_event| {
         // A full channel already means "rescan": nothing is lost.

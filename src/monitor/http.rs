@@ -23,13 +23,13 @@ use crate::mgmt::client::{self, GetOptions};
 use crate::mgmt::paths;
 use crate::mgmt::server::accepts_gzip;
 
-pub type Body = BoxBody<Bytes, Infallible>;
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
 
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 64;
 
 /// Serves until the listener fails for good (it does not: accept errors are waited out).
-pub async fn serve(listener: TcpListener, monitor: Arc<Monitor>) {
+pub(crate) async fn serve(listener: TcpListener, monitor: Arc<Monitor>) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {

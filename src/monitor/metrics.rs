@@ -7,18 +7,18 @@ use prometheus::{
 
 use crate::metrics::process::{ProcessCollector, ProcessCollectorOptions, Target};
 
-pub struct MonitorMetrics {
-    pub registry: Registry,
-    pub running_shims: IntGauge,
-    pub scrapes: IntCounter,
-    pub failed: IntCounter,
-    pub durations: Histogram,
-    pub sandbox_up: IntGaugeVec,
-    pub dropped_families: IntCounter,
+pub(crate) struct MonitorMetrics {
+    pub(crate) registry: Registry,
+    pub(crate) running_shims: IntGauge,
+    pub(crate) scrapes: IntCounter,
+    pub(crate) failed: IntCounter,
+    pub(crate) durations: Histogram,
+    pub(crate) sandbox_up: IntGaugeVec,
+    pub(crate) dropped_families: IntCounter,
 }
 
 impl MonitorMetrics {
-    pub fn new() -> Result<MonitorMetrics, prometheus::Error> {
+    pub(crate) fn new() -> Result<MonitorMetrics, prometheus::Error> {
         let registry = Registry::new();
         let running_shims = IntGauge::new(
             "kata_monitor_running_shim_count",
@@ -66,12 +66,7 @@ impl MonitorMetrics {
         let own = ProcessCollector::new(
             Target::SelfProcess,
             "kata_monitor",
-            ProcessCollectorOptions {
-                title: "kata-monitor process",
-                // The host's network counters are not the monitor's business.
-                netdev: false,
-                ..ProcessCollectorOptions::shim()
-            },
+            ProcessCollectorOptions::monitor(),
         )
         .and_then(|collector| registry.register(Box::new(collector)));
         if let Err(err) = own {
@@ -89,7 +84,7 @@ impl MonitorMetrics {
     }
 
     /// A sandbox left: its `kata_monitor_sandbox_up` series goes with it.
-    pub fn forget(&self, sandbox_id: &str) {
+    pub(crate) fn forget(&self, sandbox_id: &str) {
         let _ = self.sandbox_up.remove_label_values(&[sandbox_id]);
     }
 }

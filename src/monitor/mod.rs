@@ -8,14 +8,14 @@
 //! - [`metrics`]: the monitor's own `kata_monitor_*` families;
 //! - [`http`]: the endpoints.
 
-pub mod aggregate;
+pub(crate) mod aggregate;
 pub mod config;
-pub mod discovery;
-pub mod http;
-pub mod metrics;
-pub mod render;
-pub mod sandboxes;
-pub mod scrape;
+pub(crate) mod discovery;
+pub(crate) mod http;
+pub(crate) mod metrics;
+pub(crate) mod render;
+pub(crate) mod sandboxes;
+pub(crate) mod scrape;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,15 +45,15 @@ pub enum MonitorError {
 }
 
 /// The monitor's shared state.
-pub struct Monitor {
-    pub config: Config,
-    pub sandboxes: Arc<Sandboxes>,
-    pub metrics: Arc<MonitorMetrics>,
-    pub scraper: Scraper,
+pub(crate) struct Monitor {
+    pub(crate) config: Config,
+    pub(crate) sandboxes: Arc<Sandboxes>,
+    pub(crate) metrics: Arc<MonitorMetrics>,
+    pub(crate) scraper: Scraper,
 }
 
 impl Monitor {
-    pub fn new(config: Config) -> Result<Monitor, MonitorError> {
+    pub(crate) fn new(config: Config) -> Result<Monitor, MonitorError> {
         Ok(Monitor {
             scraper: Scraper::new(config.scrape_timeout, config.concurrency),
             sandboxes: Arc::new(Sandboxes::default()),
@@ -64,7 +64,7 @@ impl Monitor {
 
     /// One scrape: every sandbox (or only `only`), then the output written into `tx` by a blocking
     /// task. Returns once the scrape is done; the output follows as the client reads it.
-    pub async fn scrape_into(
+    pub(crate) async fn scrape_into(
         &self,
         only: Option<Arc<Sandbox>>,
         budget: Option<Duration>,

@@ -12,22 +12,22 @@ use tokio::sync::mpsc;
 use super::aggregate::Merged;
 use crate::metrics::exposition::MetricType;
 
-pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-pub const OPENMETRICS_CONTENT_TYPE: &str =
+pub(crate) const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Bytes gathered before a chunk goes out.
 const CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     Text,
     OpenMetrics,
 }
 
 impl Format {
     /// OpenMetrics when the Accept header lists it (without `q=0`), else text 0.0.4.
-    pub fn from_accept(accept: Option<&str>) -> Format {
+    pub(crate) fn from_accept(accept: Option<&str>) -> Format {
         let wants_openmetrics = accept.is_some_and(|accept| {
             accept.split(',').any(|item| {
                 let mut parts = item.split(';').map(str::trim);
@@ -46,7 +46,7 @@ impl Format {
         }
     }
 
-    pub fn content_type(self) -> &'static str {
+    pub(crate) fn content_type(self) -> &'static str {
         match self {
             Format::Text => TEXT_CONTENT_TYPE,
             Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
@@ -56,12 +56,12 @@ impl Format {
 
 /// `?filter_family=a,b`: keep families whose name starts with one of the prefixes.
 #[derive(Debug, Clone, Default)]
-pub struct FamilyFilter {
+pub(crate) struct FamilyFilter {
     prefixes: Vec<String>,
 }
 
 impl FamilyFilter {
-    pub fn new(list: &str) -> Self {
+    pub(crate) fn new(list: &str) -> Self {
         FamilyFilter {
             prefixes: list
                 .split(',')
@@ -72,24 +72,24 @@ impl FamilyFilter {
         }
     }
 
-    pub fn keeps(&self, name: &str) -> bool {
+    pub(crate) fn keeps(&self, name: &str) -> bool {
         self.prefixes.is_empty() || self.prefixes.iter().any(|p| name.starts_with(p.as_str()))
     }
 }
 
 /// The receiving side went away (the client hung up).
 #[derive(Debug)]
-pub struct Gone;
+pub(crate) struct Gone;
 
 /// Collects output and hands it on in chunks.
-pub struct ChunkSink {
+pub(crate) struct ChunkSink {
     buf: String,
     gzip: Option<flate2::write::GzEncoder<Vec<u8>>>,
     tx: mpsc::Sender<Bytes>,
 }
 
 impl ChunkSink {
-    pub fn new(tx: mpsc::Sender<Bytes>, gzip: bool) -> Self {
+    pub(crate) fn new(tx: mpsc::Sender<Bytes>, gzip: bool) -> Self {
         ChunkSink {
             buf: String::with_capacity(CHUNK * 2),
             gzip: gzip.then(|| {
@@ -102,12 +102,12 @@ impl ChunkSink {
         }
     }
 
-    pub fn buf(&mut self) -> &mut String {
+    pub(crate) fn buf(&mut self) -> &mut String {
         &mut self.buf
     }
 
     /// Sends a chunk once enough is gathered (blocking: call from a blocking thread).
-    pub fn maybe_flush(&mut self) -> Result<(), Gone> {
+    pub(crate) fn maybe_flush(&mut self) -> Result<(), Gone> {
         if self.buf.len() >= CHUNK {
             self.flush()?;
         }
@@ -138,7 +138,7 @@ impl ChunkSink {
     }
 
     /// Sends what is left (and the gzip trailer).
-    pub fn finish(mut self) -> Result<(), Gone> {
+    pub(crate) fn finish(mut self) -> Result<(), Gone> {
         let text = std::mem::take(&mut self.buf);
         match self.gzip.take() {
             Some(mut encoder) => {
@@ -152,7 +152,7 @@ impl ChunkSink {
 }
 
 /// Writes every family of `merged` that `filter` keeps.
-pub fn write(
+pub(crate) fn write(
     merged: &Merged<'_>,
     format: Format,
     filter: &FamilyFilter,

@@ -7,7 +7,7 @@ use crate::mgmt::paths::SocketAddress;
 use crate::mgmt::PodIdentity;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PodLabels {
+pub(crate) enum PodLabels {
     /// Not asked yet (or the shim did not answer): asked again on the next scrape.
     Unknown,
     /// What the shim said; `None` when it has no pod identity.
@@ -15,14 +15,14 @@ pub enum PodLabels {
 }
 
 #[derive(Debug)]
-pub struct Sandbox {
-    pub id: String,
-    pub socket: SocketAddress,
+pub(crate) struct Sandbox {
+    pub(crate) id: String,
+    pub(crate) socket: SocketAddress,
     pod: Mutex<PodLabels>,
 }
 
 impl Sandbox {
-    pub fn new(id: String, socket: SocketAddress) -> Self {
+    pub(crate) fn new(id: String, socket: SocketAddress) -> Self {
         Sandbox {
             id,
             socket,
@@ -30,14 +30,14 @@ impl Sandbox {
         }
     }
 
-    pub fn pod(&self) -> PodLabels {
+    pub(crate) fn pod(&self) -> PodLabels {
         self.pod
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
     }
 
-    pub fn set_pod(&self, labels: PodLabels) {
+    pub(crate) fn set_pod(&self, labels: PodLabels) {
         *self
             .pod
             .lock()
@@ -47,20 +47,20 @@ impl Sandbox {
 
 /// Every known sandbox by id (sorted, so every listing and scrape has one order).
 #[derive(Debug, Default)]
-pub struct Sandboxes {
+pub(crate) struct Sandboxes {
     inner: RwLock<BTreeMap<String, Arc<Sandbox>>>,
 }
 
 /// What an update changed.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Changes {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
+pub(crate) struct Changes {
+    pub(crate) added: Vec<String>,
+    pub(crate) removed: Vec<String>,
 }
 
 impl Sandboxes {
     /// Makes the set exactly `found`; a sandbox whose socket moved counts as a new one.
-    pub fn replace_all(&self, found: BTreeMap<String, SocketAddress>) -> Changes {
+    pub(crate) fn replace_all(&self, found: BTreeMap<String, SocketAddress>) -> Changes {
         let mut map = self
             .inner
             .write()
@@ -84,24 +84,20 @@ impl Sandboxes {
         changes
     }
 
-    pub fn all(&self) -> Vec<Arc<Sandbox>> {
+    pub(crate) fn all(&self) -> Vec<Arc<Sandbox>> {
         self.read().values().cloned().collect()
     }
 
-    pub fn get(&self, id: &str) -> Option<Arc<Sandbox>> {
+    pub(crate) fn get(&self, id: &str) -> Option<Arc<Sandbox>> {
         self.read().get(id).cloned()
     }
 
-    pub fn ids(&self) -> Vec<String> {
+    pub(crate) fn ids(&self) -> Vec<String> {
         self.read().keys().cloned().collect()
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.read().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Sandbox>>> {

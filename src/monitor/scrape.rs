@@ -17,10 +17,10 @@ use crate::mgmt::client::{self, ClientError, GetOptions};
 use crate::mgmt::PodIdentity;
 
 /// Largest shim body read (a busy sandbox's is well under 1 MiB).
-pub const MAX_SHIM_BODY: usize = 8 * 1024 * 1024;
+pub(crate) const MAX_SHIM_BODY: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ScrapeError {
+pub(crate) enum ScrapeError {
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error("the shim answered {0}")]
@@ -39,12 +39,17 @@ pub enum ScrapeError {
 }
 
 impl ScrapeError {
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             ScrapeError::Client(ClientError::Timeout { .. }) => "timeout",
             ScrapeError::Client(ClientError::TooLarge { .. }) => "too_large",
             ScrapeError::Client(ClientError::Connect { .. }) => "connect",
-            ScrapeError::Client(ClientError::Http { .. }) => "http",
+            ScrapeError::Client(
+                ClientError::Http { .. }
+                | ClientError::Request { .. }
+                | ClientError::Body { .. }
+                | ClientError::Gzip { .. },
+            ) => "http",
             ScrapeError::Status(_) => "status",
             ScrapeError::NotUtf8(_)
             | ScrapeError::Refused(_)
@@ -56,29 +61,29 @@ impl ScrapeError {
 }
 
 /// One sandbox's result.
-pub struct Scraped {
-    pub sandbox: Arc<Sandbox>,
-    pub result: Result<ScrapedBody, ScrapeError>,
+pub(crate) struct Scraped {
+    pub(crate) sandbox: Arc<Sandbox>,
+    pub(crate) result: Result<ScrapedBody, ScrapeError>,
 }
 
-pub struct ScrapedBody {
-    pub body: ShimBody,
+pub(crate) struct ScrapedBody {
+    pub(crate) body: ShimBody,
     /// Families of this body that were dropped (invalid, reserved, repeated).
-    pub dropped: usize,
+    pub(crate) dropped: usize,
 }
 
 #[derive(Clone)]
-pub struct Scraper {
-    pub timeout: Duration,
+pub(crate) struct Scraper {
+    pub(crate) timeout: Duration,
     /// Shared by every scrape in flight, so two Prometheus servers do not double the load.
-    pub permits: Arc<Semaphore>,
+    pub(crate) permits: Arc<Semaphore>,
     /// Parses at once: one per CPU, since more only hold more parsed bodies in memory.
     parse_permits: Arc<Semaphore>,
-    pub limits: Limits,
+    pub(crate) limits: Limits,
 }
 
 impl Scraper {
-    pub fn new(timeout: Duration, concurrency: usize) -> Self {
+    pub(crate) fn new(timeout: Duration, concurrency: usize) -> Self {
         let limits = Limits {
             max_bytes: MAX_SHIM_BODY,
             max_samples: 200_000,
@@ -95,7 +100,7 @@ impl Scraper {
     }
 
     /// Scrapes `sandboxes`; results come back in the same order.
-    pub async fn scrape_all(
+    pub(crate) async fn scrape_all(
         &self,
         sandboxes: Vec<Arc<Sandbox>>,
         deadline: Instant,
@@ -178,7 +183,7 @@ impl Scraper {
 }
 
 /// Reads a shim's `/metrics` body into a sandbox's blocks.
-pub fn parse_body(body: &[u8], limits: &Limits) -> Result<ScrapedBody, ScrapeError> {
+pub(crate) fn parse_body(body: &[u8], limits: &Limits) -> Result<ScrapedBody, ScrapeError> {
     let text = std::str::from_utf8(body).map_err(ScrapeError::NotUtf8)?;
     let parsed = exposition::parse(text, limits)?;
     // A live shim always has its own families: nothing usable means the body was garbage.

@@ -12,14 +12,14 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 /// Environment variable naming the configuration file (containerd passes its environment on).
-pub const CONF_FILE_ENV: &str = "KATA_CONF_FILE";
+pub(crate) const CONF_FILE_ENV: &str = "KATA_CONF_FILE";
 /// The system-wide configuration file, used when the variable is unset.
-pub const SYSTEM_CONF_FILE: &str = "/etc/kata-containers/configuration.toml";
+pub(crate) const SYSTEM_CONF_FILE: &str = "/etc/kata-containers/configuration.toml";
 /// Where `make install` puts the guest kernel and initramfs.
-pub const DEFAULT_SHARE_DIR: &str = "/usr/local/share/kata-shim-metrics";
+pub(crate) const DEFAULT_SHARE_DIR: &str = "/usr/local/share/kata-shim-metrics";
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     #[error("reading configuration file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -46,7 +46,7 @@ fn one_line(err: &toml::de::Error) -> String {
 /// How QEMU accelerates the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Accel {
+pub(crate) enum Accel {
     /// KVM when `/dev/kvm` can boot the guest, else TCG.
     Auto,
     Kvm,
@@ -55,7 +55,7 @@ pub enum Accel {
 
 /// A duration written as seconds (integer or fraction), as Kata writes its timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Seconds(pub Duration);
+pub(crate) struct Seconds(pub Duration);
 
 impl<'de> Deserialize<'de> for Seconds {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -88,23 +88,23 @@ impl<'de> Deserialize<'de> for Seconds {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct QemuConfig {
+pub(crate) struct QemuConfig {
     /// The QEMU binary.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Guest kernel (uncompressed or bzImage).
-    pub kernel: PathBuf,
+    pub(crate) kernel: PathBuf,
     /// Guest initramfs with the agent as `/init`.
-    pub initrd: PathBuf,
+    pub(crate) initrd: PathBuf,
     /// Guest memory in MiB.
-    pub default_memory: u32,
-    pub default_vcpus: u32,
-    pub accel: Accel,
+    pub(crate) default_memory: u32,
+    pub(crate) default_vcpus: u32,
+    pub(crate) accel: Accel,
     /// How long the VM may take until its agent answers a health check.
-    pub boot_timeout: Seconds,
+    pub(crate) boot_timeout: Seconds,
     /// Extra kernel command line parameters.
-    pub kernel_params: String,
+    pub(crate) kernel_params: String,
     /// The vhost-user vsock daemon, used when `/dev/vhost-vsock` is absent.
-    pub vsock_daemon: PathBuf,
+    pub(crate) vsock_daemon: PathBuf,
 }
 
 impl Default for QemuConfig {
@@ -125,19 +125,19 @@ impl Default for QemuConfig {
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct HypervisorSection {
-    pub qemu: QemuConfig,
+pub(crate) struct HypervisorSection {
+    pub(crate) qemu: QemuConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AgentConfig {
+pub(crate) struct AgentConfig {
     /// Connecting to the agent (and the hybrid vsock handshake).
-    pub dial_timeout: Seconds,
+    pub(crate) dial_timeout: Seconds,
     /// One GetMetrics call: a scrape never waits longer for the guest.
-    pub metrics_timeout: Seconds,
+    pub(crate) metrics_timeout: Seconds,
     /// Any other agent call.
-    pub request_timeout: Seconds,
+    pub(crate) request_timeout: Seconds,
 }
 
 impl Default for AgentConfig {
@@ -152,21 +152,21 @@ impl Default for AgentConfig {
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AgentSection {
-    pub kata: AgentConfig,
+pub(crate) struct AgentSection {
+    pub(crate) kata: AgentConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RuntimeConfig {
+pub(crate) struct RuntimeConfig {
     /// Where sandbox directories and management sockets live (`KATA_SANDBOX_RUN_DIR` overrides).
-    pub sandbox_run_dir: Option<PathBuf>,
+    pub(crate) sandbox_run_dir: Option<PathBuf>,
     /// Also serve metrics on the abstract socket `@/containerd-shim/<ns>/<id>/shim-monitor.sock`.
-    pub abstract_socket: bool,
+    pub(crate) abstract_socket: bool,
     /// Largest agent metrics text accepted, in bytes.
-    pub max_agent_text: usize,
+    pub(crate) max_agent_text: usize,
     /// Most samples accepted from the agent in one scrape.
-    pub max_agent_samples: usize,
+    pub(crate) max_agent_samples: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -183,18 +183,18 @@ impl Default for RuntimeConfig {
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Config {
-    pub hypervisor: HypervisorSection,
-    pub agent: AgentSection,
-    pub runtime: RuntimeConfig,
+pub(crate) struct Config {
+    pub(crate) hypervisor: HypervisorSection,
+    pub(crate) agent: AgentSection,
+    pub(crate) runtime: RuntimeConfig,
     /// The file this came from; `None` for the built-in defaults.
     #[serde(skip)]
-    pub source: Option<PathBuf>,
+    pub(crate) source: Option<PathBuf>,
 }
 
 impl Config {
     /// Finds and reads the configuration: `$KATA_CONF_FILE`, then the system file, then defaults.
-    pub fn load() -> Result<Config, ConfigError> {
+    pub(crate) fn load() -> Result<Config, ConfigError> {
         match std::env::var_os(CONF_FILE_ENV) {
             // An explicitly named file must exist: falling back would hide the mistake.
             Some(path) if !path.is_empty() => Config::from_file(Path::new(&path)),
@@ -205,7 +205,7 @@ impl Config {
         }
     }
 
-    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+    pub(crate) fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -214,7 +214,7 @@ impl Config {
     }
 
     /// Parses `text` (read from `path`, which error messages name) and checks the values.
-    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
@@ -271,12 +271,12 @@ impl Config {
     }
 
     /// Where this sandbox's directories live (the environment variable wins, as for clients).
-    pub fn run_dir(&self) -> PathBuf {
+    pub(crate) fn run_dir(&self) -> PathBuf {
         crate::mgmt::paths::run_dir(self.runtime.sandbox_run_dir.as_deref())
     }
 
     /// The agent client's deadlines.
-    pub fn agent_timeouts(&self) -> crate::agent_client::AgentTimeouts {
+    pub(crate) fn agent_timeouts(&self) -> crate::agent_client::AgentTimeouts {
         let kata = &self.agent.kata;
         crate::agent_client::AgentTimeouts {
             connect: kata.dial_timeout.0,
@@ -286,7 +286,7 @@ impl Config {
     }
 
     /// Bounds on the agent's metrics text.
-    pub fn agent_text_limits(&self) -> crate::metrics::exposition::Limits {
+    pub(crate) fn agent_text_limits(&self) -> crate::metrics::exposition::Limits {
         crate::metrics::exposition::Limits {
             max_bytes: self.runtime.max_agent_text,
             max_samples: self.runtime.max_agent_samples,

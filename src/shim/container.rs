@@ -17,26 +17,26 @@ use crate::protocols::oci as grpc;
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Exit {
-    pub status: u32,
-    pub at: SystemTime,
+pub(crate) struct Exit {
+    pub(crate) status: u32,
+    pub(crate) at: SystemTime,
 }
 
-pub struct Container {
-    pub id: String,
-    pub bundle: PathBuf,
+pub(crate) struct Container {
+    pub(crate) id: String,
+    pub(crate) bundle: PathBuf,
     /// The pid containerd sees for the task (the VMM's: the guest's pids mean nothing on the host).
-    pub pid: u32,
+    pub(crate) pid: u32,
     /// The sandbox's agent, which runs this container.
-    pub agent: Arc<AgentClient>,
+    pub(crate) agent: Arc<AgentClient>,
     /// The sandbox's shared directory, where this container's rootfs is bound.
-    pub shared_dir: PathBuf,
-    pub init: Arc<Process>,
+    pub(crate) shared_dir: PathBuf,
+    pub(crate) init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
 }
 
 impl Container {
-    pub fn new(
+    pub(crate) fn new(
         id: String,
         bundle: PathBuf,
         stdio: StdioPaths,
@@ -56,7 +56,7 @@ impl Container {
     }
 
     /// The init for an empty exec id (or the container's own id), else an exec'd process.
-    pub fn process(&self, exec_id: &str) -> Option<Arc<Process>> {
+    pub(crate) fn process(&self, exec_id: &str) -> Option<Arc<Process>> {
         if exec_id.is_empty() || exec_id == self.id {
             return Some(self.init.clone());
         }
@@ -64,7 +64,7 @@ impl Container {
     }
 
     /// Adds an exec'd process; false if one of that id exists.
-    pub fn add_exec(&self, process: Arc<Process>) -> bool {
+    pub(crate) fn add_exec(&self, process: Arc<Process>) -> bool {
         let mut execs = lock(&self.execs);
         if execs.contains_key(&process.exec_id) {
             return false;
@@ -73,25 +73,25 @@ impl Container {
         true
     }
 
-    pub fn remove_exec(&self, exec_id: &str) {
+    pub(crate) fn remove_exec(&self, exec_id: &str) {
         lock(&self.execs).remove(exec_id);
     }
 }
 
 /// One process of a container, as containerd knows it.
-pub struct Process {
+pub(crate) struct Process {
     /// Empty for the container's init, else containerd's exec id.
-    pub exec_id: String,
-    pub stdio: StdioPaths,
+    pub(crate) exec_id: String,
+    pub(crate) stdio: StdioPaths,
     /// What the agent runs for an exec'd process (the init's is in the container's spec).
-    pub spec: Option<grpc::Process>,
+    pub(crate) spec: Option<grpc::Process>,
     started: Mutex<bool>,
     exit_tx: watch::Sender<Option<Exit>>,
     stdin_copy: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Process {
-    pub fn new(exec_id: String, stdio: StdioPaths, spec: Option<grpc::Process>) -> Process {
+    pub(crate) fn new(exec_id: String, stdio: StdioPaths, spec: Option<grpc::Process>) -> Process {
         Process {
             exec_id,
             stdio,
@@ -102,11 +102,11 @@ impl Process {
         }
     }
 
-    pub fn is_init(&self) -> bool {
+    pub(crate) fn is_init(&self) -> bool {
         self.exec_id.is_empty()
     }
 
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         if self.exit().is_some() {
             Status::STOPPED
         } else if *lock(&self.started) {
@@ -116,16 +116,16 @@ impl Process {
         }
     }
 
-    pub fn mark_started(&self) {
+    pub(crate) fn mark_started(&self) {
         *lock(&self.started) = true;
     }
 
-    pub fn exit(&self) -> Option<Exit> {
+    pub(crate) fn exit(&self) -> Option<Exit> {
         *self.exit_tx.borrow()
     }
 
     /// Records the exit once; later calls keep the first.
-    pub fn set_exit(&self, exit: Exit) -> bool {
+    pub(crate) fn set_exit(&self, exit: Exit) -> bool {
         self.exit_tx.send_if_modified(|current| {
             if current.is_none() {
                 *current = Some(exit);
@@ -137,7 +137,7 @@ impl Process {
     }
 
     /// Waits until the process ended and its output was drained.
-    pub async fn wait(&self) -> Exit {
+    pub(crate) async fn wait(&self) -> Exit {
         let mut rx = self.exit_tx.subscribe();
         loop {
             if let Some(exit) = *rx.borrow_and_update() {
@@ -153,19 +153,19 @@ impl Process {
         }
     }
 
-    pub fn set_stdin_copy(&self, handle: Option<JoinHandle<()>>) {
+    pub(crate) fn set_stdin_copy(&self, handle: Option<JoinHandle<()>>) {
         *lock(&self.stdin_copy) = handle;
     }
 
     /// Stops copying stdin (the process is gone).
-    pub fn stop_stdin_copy(&self) {
+    pub(crate) fn stop_stdin_copy(&self) {
         if let Some(handle) = lock(&self.stdin_copy).take() {
             handle.abort();
         }
     }
 
     /// The stdin copy, for CloseIO to let it finish.
-    pub fn take_stdin_copy(&self) -> Option<JoinHandle<()>> {
+    pub(crate) fn take_stdin_copy(&self) -> Option<JoinHandle<()>> {
         lock(&self.stdin_copy).take()
     }
 }

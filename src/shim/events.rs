@@ -32,7 +32,7 @@ impl Publisher for RemotePublisher {
     }
 }
 
-pub struct Events {
+pub(crate) struct Events {
     publisher: Box<dyn Publisher>,
     namespace: String,
 }
@@ -45,7 +45,7 @@ impl Events {
         }
     }
 
-    pub async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+    pub(crate) async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         if let Err(err) = self
             .publisher
             .send_event(topic, &self.namespace, event)
@@ -56,6 +56,6 @@ impl Events {
     }
 }
 
-pub fn timestamp(at: SystemTime) -> Timestamp {
+pub(crate) fn timestamp(at: SystemTime) -> Timestamp {
     Timestamp::from(at)
 }

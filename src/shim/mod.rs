@@ -1,16 +1,16 @@
 //! The containerd shim v2 (`io.containerd.kata.v2`): one VM per sandbox, containers run by the
 //! guest agent, and the sandbox's metrics server.
 
-pub mod config;
-pub mod container;
-pub mod events;
+pub(crate) mod config;
+pub(crate) mod container;
+pub(crate) mod events;
 pub mod hypervisor;
 pub mod metrics;
-pub mod oci;
-pub mod rootfs;
-pub mod sandbox;
+pub(crate) mod oci;
+pub(crate) mod rootfs;
+pub(crate) mod sandbox;
 pub mod service;
-pub mod stats;
-pub mod stdio;
-pub mod task;
-pub mod waiter;
+pub(crate) mod stats;
+pub(crate) mod stdio;
+pub(crate) mod task;
+pub(crate) mod waiter;

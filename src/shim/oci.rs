@@ -12,14 +12,14 @@ use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 use crate::protocols::oci as grpc;
 
 /// Where the agent mounts the shared directory (9p tag `kataShared`) inside the VM.
-pub const GUEST_SHARED_DIR: &str = "/run/kata-containers/shared/containers";
+pub(crate) const GUEST_SHARED_DIR: &str = "/run/kata-containers/shared/containers";
 /// The 9p tag of the shared directory.
-pub const SHARED_TAG: &str = "kataShared";
+pub(crate) const SHARED_TAG: &str = "kataShared";
 
 /// Annotation that says whether a container is a pod sandbox or a container in one.
-pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub(crate) const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 /// Annotation naming the sandbox a container belongs to.
-pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+pub(crate) const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 
 /// Mount types that the guest kernel provides itself; everything else needs host files.
 const GUEST_FS_TYPES: &[&str] = &[
@@ -27,7 +27,7 @@ const GUEST_FS_TYPES: &[&str] = &[
 ];
 
 #[derive(Debug, thiserror::Error)]
-pub enum SpecError {
+pub(crate) enum SpecError {
     #[error("reading the OCI spec {path}: {source}")]
     Load {
         path: String,
@@ -42,7 +42,7 @@ pub enum SpecError {
 }
 
 /// Loads `<bundle>/config.json`.
-pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
+pub(crate) fn load(bundle: &Path) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
     Spec::load(&path).map_err(|source| SpecError::Load {
         path: path.display().to_string(),
@@ -51,13 +51,13 @@ pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
 }
 
 /// The pod a sandbox belongs to (kata-monitor's `cri_*` labels), from the CRI annotations.
-pub fn pod_identity(spec: &Spec) -> Option<crate::mgmt::PodIdentity> {
+pub(crate) fn pod_identity(spec: &Spec) -> Option<crate::mgmt::PodIdentity> {
     crate::mgmt::pod_identity_from_annotations(spec.annotations().as_ref()?)
 }
 
 /// The sandbox a container joins, when its annotations say it is a container in an existing
 /// sandbox (CRI's pattern). `None` means: this container is a sandbox of its own.
-pub fn sandbox_of(spec: &Spec) -> Option<String> {
+pub(crate) fn sandbox_of(spec: &Spec) -> Option<String> {
     let annotations = spec.annotations().as_ref()?;
     if annotations.get(CONTAINER_TYPE).map(String::as_str) != Some("container") {
         return None;
@@ -69,12 +69,12 @@ pub fn sandbox_of(spec: &Spec) -> Option<String> {
 }
 
 /// The container's root inside the guest.
-pub fn guest_rootfs(container_id: &str) -> String {
+pub(crate) fn guest_rootfs(container_id: &str) -> String {
     format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
 }
 
 /// The agent's view of `spec` for container `container_id`.
-pub fn to_agent_spec(
+pub(crate) fn to_agent_spec(
     spec: &Spec,
     container_id: &str,
     bundle: &Path,
@@ -152,7 +152,7 @@ pub fn to_agent_spec(
 }
 
 /// The agent's view of one OCI process (a container's or an exec'd one).
-pub fn to_agent_process(process: &Process) -> grpc::Process {
+pub(crate) fn to_agent_process(process: &Process) -> grpc::Process {
     let user = process.user();
     grpc::Process {
         Terminal: process.terminal().unwrap_or(false),
@@ -181,7 +181,7 @@ pub fn to_agent_process(process: &Process) -> grpc::Process {
 }
 
 /// The agent's view of the OCI process JSON that containerd sends with an exec.
-pub fn exec_process(json: &[u8]) -> Result<grpc::Process, SpecError> {
+pub(crate) fn exec_process(json: &[u8]) -> Result<grpc::Process, SpecError> {
     let process: Process = serde_json::from_slice(json).map_err(SpecError::ExecProcess)?;
     if process.args().as_deref().unwrap_or_default().is_empty() {
         return Err(SpecError::ExecProcessWithoutArgs);

@@ -11,13 +11,14 @@ use containerd_shim::protos::types::mount::Mount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 #[derive(Debug, thiserror::Error)]
-pub enum RootfsError {
+pub(crate) enum RootfsError {
     #[error("mounting the container rootfs ({fstype} {source_path}) on {target}: {source}")]
     Mount {
         fstype: String,
         source_path: String,
         target: PathBuf,
-        source: containerd_shim::Error,
+        /// Boxed: containerd-shim's error is large, and task results carry this one.
+        source: Box<containerd_shim::Error>,
     },
     #[error("sharing {from} with the VM at {to}: {source}")]
     Bind {
@@ -28,13 +29,13 @@ pub enum RootfsError {
 }
 
 /// The host side of a container's root in the shared directory.
-pub fn shared_rootfs(shared_dir: &Path, container_id: &str) -> PathBuf {
+pub(crate) fn shared_rootfs(shared_dir: &Path, container_id: &str) -> PathBuf {
     shared_dir.join(container_id).join("rootfs")
 }
 
 /// Mounts containerd's `mounts` on `<bundle>/rootfs` (if there are any: with none, the bundle's
 /// rootfs is already a directory) and binds it to the container's place in `shared_dir`.
-pub async fn share(
+pub(crate) async fn share(
     mounts: &[Mount],
     bundle: &Path,
     shared_dir: &Path,
@@ -48,7 +49,7 @@ pub async fn share(
                 fstype: m.type_.clone(),
                 source_path: m.source.clone(),
                 target: bundle_rootfs.clone(),
-                source: err,
+                source: Box::new(err),
             })?;
     }
     let target = shared_rootfs(shared_dir, container_id);
@@ -79,7 +80,7 @@ pub async fn share(
 /// Undoes [`share`]: unmounts the shared bind and the bundle's rootfs, and removes the (then
 /// empty) directories. Never removes anything recursively: a mount still in place would take
 /// the container's files with it.
-pub fn unshare(bundle: Option<&Path>, shared_dir: &Path, container_id: &str) {
+pub(crate) fn unshare(bundle: Option<&Path>, shared_dir: &Path, container_id: &str) {
     let target = shared_rootfs(shared_dir, container_id);
     unmount(&target);
     let _ = std::fs::remove_dir(&target);
@@ -90,7 +91,7 @@ pub fn unshare(bundle: Option<&Path>, shared_dir: &Path, container_id: &str) {
 }
 
 /// Unmounts every container left in `shared_dir` and removes it (crash recovery, shutdown).
-pub fn unshare_all(shared_dir: &Path) {
+pub(crate) fn unshare_all(shared_dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(shared_dir) {
         for entry in entries.flatten() {
             if let Some(id) = entry.file_name().to_str() {

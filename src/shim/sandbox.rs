@@ -23,7 +23,7 @@ const DESTROY_TIMEOUT: Duration = Duration::from_secs(2);
 const STEP_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
-pub enum SandboxError {
+pub(crate) enum SandboxError {
     #[error("sandbox {id}: creating {path}: {source}")]
     Dir {
         id: String,
@@ -38,16 +38,16 @@ pub enum SandboxError {
 
 /// Where a sandbox's host-side directories are.
 #[derive(Debug, Clone)]
-pub struct SandboxDirs {
-    pub run_dir: PathBuf,
+pub(crate) struct SandboxDirs {
+    pub(crate) run_dir: PathBuf,
     /// `<run dir>/<id>/shared`: exported to the guest as 9p tag `kataShared`.
-    pub shared: PathBuf,
+    pub(crate) shared: PathBuf,
     /// `<run dir>/<id>/vm`: QEMU's and the vsock daemon's sockets and pid files.
-    pub vm_state: PathBuf,
+    pub(crate) vm_state: PathBuf,
 }
 
 impl SandboxDirs {
-    pub fn new(run_dir: &Path, id: &str) -> SandboxDirs {
+    pub(crate) fn new(run_dir: &Path, id: &str) -> SandboxDirs {
         let dir = crate::mgmt::paths::sandbox_dir(run_dir, id);
         SandboxDirs {
             run_dir: run_dir.to_path_buf(),
@@ -57,18 +57,10 @@ impl SandboxDirs {
     }
 }
 
-/// How long bringing the sandbox up took, for the log (benchmarks read it there).
-#[derive(Debug, Clone, Default)]
-pub struct StartTimings {
-    pub vm_ready: Duration,
-    pub create_sandbox: Duration,
-    pub metrics_server: Duration,
-}
-
-pub struct Sandbox {
-    pub id: String,
-    pub dirs: SandboxDirs,
-    pub agent: Arc<AgentClient>,
+pub(crate) struct Sandbox {
+    pub(crate) id: String,
+    pub(crate) dirs: SandboxDirs,
+    pub(crate) agent: Arc<AgentClient>,
     vm: Vm,
     mgmt: Option<MgmtServer>,
 }
@@ -76,7 +68,7 @@ pub struct Sandbox {
 impl Sandbox {
     /// Boots the VM, has the agent mount the shared directory, and starts the metrics server.
     /// On failure nothing of the sandbox is left behind.
-    pub async fn start(
+    pub(crate) async fn start(
         config: &Config,
         id: &str,
         namespace: &str,
@@ -139,12 +131,15 @@ impl Sandbox {
                 None
             }
         };
-        let timings = StartTimings {
-            vm_ready,
-            create_sandbox,
-            metrics_server: started.elapsed(),
-        };
-        tracing::info!(sandbox = id, ?timings, vm = ?vm.timings(), "sandbox is up");
+        // How long each step took, for the log (the sandbox benchmark prints this line).
+        tracing::info!(
+            sandbox = id,
+            ?vm_ready,
+            ?create_sandbox,
+            metrics_server = ?started.elapsed(),
+            vm = ?vm.timings(),
+            "sandbox is up"
+        );
         Ok(Sandbox {
             id: id.to_string(),
             dirs,
@@ -155,12 +150,12 @@ impl Sandbox {
     }
 
     /// The VMM's pid: what containerd sees as every task's pid.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         u32::try_from(self.vm.pid()).unwrap_or_default()
     }
 
     /// Tears the sandbox down: guest sandbox, metrics server, VM, and every file of it.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         tracing::info!(sandbox = self.id, "stopping the sandbox");
         let destroy = self
             .agent
@@ -196,11 +191,11 @@ impl Sandbox {
 }
 
 /// The shim's one sandbox, shared by the task service (which starts it) and the shim's exit path.
-pub type SandboxSlot = Arc<tokio::sync::Mutex<Option<Sandbox>>>;
+pub(crate) type SandboxSlot = Arc<tokio::sync::Mutex<Option<Sandbox>>>;
 
 /// Stops the slot's sandbox, if any. The lock is held throughout, so a second caller (Shutdown
 /// racing SIGTERM) returns only once the first one's teardown is done.
-pub async fn stop_in(slot: &SandboxSlot) {
+pub(crate) async fn stop_in(slot: &SandboxSlot) {
     let mut sandbox = slot.lock().await;
     if let Some(sandbox) = sandbox.take() {
         sandbox.stop().await;
@@ -209,7 +204,7 @@ pub async fn stop_in(slot: &SandboxSlot) {
 
 /// Removes what a sandbox of `id` left when its shim died: VM processes (by their pid files),
 /// container mounts, sockets and directories. Safe to run when nothing is left.
-pub fn clean_up_leftovers(run_dir: &Path, id: &str) {
+pub(crate) fn clean_up_leftovers(run_dir: &Path, id: &str) {
     let dirs = SandboxDirs::new(run_dir, id);
     if let Err(err) = hypervisor::kill_leftovers(&dirs.vm_state) {
         tracing::warn!(sandbox = id, "killing the VM's leftovers: {err}");

@@ -12,12 +12,12 @@ use protobuf::Message;
 
 use crate::protocols::agent;
 
-pub const METRICS_TYPE_URL: &str = "io.containerd.cgroups.v2.Metrics";
+pub(crate) const METRICS_TYPE_URL: &str = "io.containerd.cgroups.v2.Metrics";
 
 const NANOS_PER_USEC: u64 = 1000;
 
 /// The agent's figures in containerd's cgroups v2 message.
-pub fn to_metrics(reply: &agent::StatsContainerResponse) -> Metrics {
+pub(crate) fn to_metrics(reply: &agent::StatsContainerResponse) -> Metrics {
     let mut metrics = Metrics::new();
     if let Some(cgroup) = reply.cgroup_stats.as_ref() {
         if let Some(usage) = cgroup.cpu_stats.as_ref().and_then(|c| c.cpu_usage.as_ref()) {
@@ -70,7 +70,7 @@ pub fn to_metrics(reply: &agent::StatsContainerResponse) -> Metrics {
 }
 
 /// [`to_metrics`] packed for `StatsResponse.stats`.
-pub fn to_any(reply: &agent::StatsContainerResponse) -> protobuf::Result<Any> {
+pub(crate) fn to_any(reply: &agent::StatsContainerResponse) -> protobuf::Result<Any> {
     let mut any = Any::new();
     any.type_url = METRICS_TYPE_URL.to_string();
     any.value = to_metrics(reply).write_to_bytes()?;

@@ -19,24 +19,24 @@ use crate::protocols::agent;
 const READ_CHUNK: u32 = 32 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutStream {
+pub(crate) enum OutStream {
     Stdout,
     Stderr,
 }
 
 /// The FIFO paths of one process (empty when containerd gave none, e.g. `ctr run -d`).
 #[derive(Debug, Clone, Default)]
-pub struct StdioPaths {
-    pub stdin: String,
-    pub stdout: String,
-    pub stderr: String,
-    pub terminal: bool,
+pub(crate) struct StdioPaths {
+    pub(crate) stdin: String,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+    pub(crate) terminal: bool,
 }
 
 /// Copies one output stream of a process of `container_id` (its init for an empty `exec_id`) to
 /// `path` (or discards it, so the guest process never blocks on a full pipe) until the agent
 /// reports EOF or fails.
-pub fn copy_output(
+pub(crate) fn copy_output(
     agent: Arc<AgentClient>,
     container_id: String,
     exec_id: String,
@@ -93,7 +93,7 @@ async fn read_stream(
 }
 
 /// Copies `path` to the process's stdin, then closes it in the guest at EOF.
-pub fn copy_input(
+pub(crate) fn copy_input(
     agent: Arc<AgentClient>,
     container_id: String,
     exec_id: String,

@@ -14,11 +14,11 @@ use super::events::{timestamp, Events};
 use crate::protocols::agent;
 
 /// How long a finished process's output may take to drain before its exit is reported.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Exit status reported when the guest could not tell us one (VM gone, agent lost).
 const UNKNOWN_EXIT: u32 = 255;
 
-pub async fn wait_for_exit(
+pub(crate) async fn wait_for_exit(
     container: Arc<Container>,
     process: Arc<Process>,
     events: Arc<Events>,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::Pid;
 
 /// Overrides the parent cgroup of the containers' cgroups.
-pub const ROOT_ENV: &str = "KATA_AGENT_CGROUP_ROOT";
+pub(crate) const ROOT_ENV: &str = "KATA_AGENT_CGROUP_ROOT";
 
 const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
 const DEFAULT_ROOT: &str = "/sys/fs/cgroup/kata";
@@ -53,7 +53,7 @@ impl CgroupRoot {
     }
 
     /// Creates the container's cgroup; `None` (logged) if there is no root or it fails.
-    pub fn create(&self, id: &str) -> Option<Cgroup> {
+    pub(crate) fn create(&self, id: &str) -> Option<Cgroup> {
         let root = self.path.as_ref()?;
         if !is_safe_name(id) {
             tracing::warn!(%id, "container id unusable as a cgroup name: no cgroup");
@@ -75,23 +75,23 @@ impl CgroupRoot {
 
 /// A container's cgroup directory.
 #[derive(Debug)]
-pub struct Cgroup {
+pub(crate) struct Cgroup {
     path: PathBuf,
 }
 
 impl Cgroup {
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Moves a process (and so its future children) into the cgroup.
-    pub fn add(&self, pid: Pid) -> io::Result<()> {
+    pub(crate) fn add(&self, pid: Pid) -> io::Result<()> {
         std::fs::write(self.path.join("cgroup.procs"), pid.as_raw().to_string())
     }
 
     /// Removes the cgroup once its processes are gone; a zombie not yet reaped keeps it busy for
     /// a moment, hence the retries.
-    pub async fn remove(&self) {
+    pub(crate) async fn remove(&self) {
         let mut last = None;
         for _ in 0..20 {
             match std::fs::remove_dir(&self.path) {

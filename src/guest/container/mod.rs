@@ -32,11 +32,11 @@
 pub mod cgroup;
 pub mod init;
 pub mod spawn;
-pub mod spec;
-pub mod state;
-pub mod stats;
-pub mod stdio;
-pub mod storage;
+pub(crate) mod spec;
+pub(crate) mod state;
+pub(crate) mod stats;
+pub(crate) mod stdio;
+pub(crate) mod storage;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -52,8 +52,8 @@ use cgroup::{Cgroup, CgroupRoot};
 use state::Process;
 
 /// A container: its init (PID 1 of the container) and the processes ExecProcess added.
-pub struct Container {
-    pub init: Arc<Process>,
+pub(crate) struct Container {
+    pub(crate) init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     /// Every process of the container is in it, when the guest has cgroup2.
     cgroup: Option<Cgroup>,
@@ -68,9 +68,9 @@ impl Container {
 /// How long DestroySandbox waits for each container to die after SIGKILL.
 const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub type RpcResult<T> = ttrpc::Result<T>;
+pub(crate) type RpcResult<T> = ttrpc::Result<T>;
 
-pub fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+pub(crate) fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
 
@@ -83,7 +83,7 @@ pub struct Containers {
 }
 
 impl Containers {
-    pub fn new(reaper: Reaper, cgroups: CgroupRoot) -> Self {
+    pub(crate) fn new(reaper: Reaper, cgroups: CgroupRoot) -> Self {
         Containers {
             reaper,
             cgroups,
@@ -97,7 +97,7 @@ impl Containers {
     }
 
     /// The container, or NOT_FOUND.
-    pub fn get(&self, id: &str) -> RpcResult<Arc<Container>> {
+    pub(crate) fn get(&self, id: &str) -> RpcResult<Arc<Container>> {
         self.map()
             .get(id)
             .cloned()
@@ -106,7 +106,7 @@ impl Containers {
 
     /// A process of a container: its init for an empty exec_id (or one equal to the container
     /// id), else a process started by ExecProcess.
-    pub fn process(&self, id: &str, exec_id: &str) -> RpcResult<Arc<Process>> {
+    pub(crate) fn process(&self, id: &str, exec_id: &str) -> RpcResult<Arc<Process>> {
         let container = self.get(id)?;
         if exec_id.is_empty() || exec_id == id {
             return Ok(container.init.clone());
@@ -121,7 +121,7 @@ impl Containers {
     }
 
     /// Starts one more process in a running container's namespaces.
-    pub async fn exec(&self, req: agent::ExecProcessRequest) -> RpcResult<()> {
+    pub(crate) async fn exec(&self, req: agent::ExecProcessRequest) -> RpcResult<()> {
         let id = &req.container_id;
         let exec_id = req.exec_id.clone();
         let container = self.get(id)?;
@@ -169,7 +169,7 @@ impl Containers {
         Ok(())
     }
 
-    pub async fn create_sandbox(&self, req: &agent::CreateSandboxRequest) -> RpcResult<()> {
+    pub(crate) async fn create_sandbox(&self, req: &agent::CreateSandboxRequest) -> RpcResult<()> {
         // Validate every storage before mounting any.
         let mounts = req
             .storages
@@ -207,7 +207,7 @@ impl Containers {
         Ok(())
     }
 
-    pub async fn create(&self, req: agent::CreateContainerRequest) -> RpcResult<()> {
+    pub(crate) async fn create(&self, req: agent::CreateContainerRequest) -> RpcResult<()> {
         let id = req.container_id.clone();
         if id.is_empty() {
             return Err(status(Code::INVALID_ARGUMENT, "container_id is empty"));
@@ -250,13 +250,13 @@ impl Containers {
         Ok(())
     }
 
-    pub async fn start(&self, id: &str) -> RpcResult<()> {
+    pub(crate) async fn start(&self, id: &str) -> RpcResult<()> {
         self.get(id)?.init.start().await
     }
 
     /// Signals the container's process. Signalling a process that has already exited is not an
     /// error (the shim's kill after exit races with the exit anyway).
-    pub fn signal(&self, id: &str, exec_id: &str, signal: u32) -> RpcResult<()> {
+    pub(crate) fn signal(&self, id: &str, exec_id: &str, signal: u32) -> RpcResult<()> {
         let process = self.process(id, exec_id)?;
         let signal = i32::try_from(signal)
             .ok()
@@ -269,7 +269,7 @@ impl Containers {
     /// Kills a container that still runs (SIGKILL to its init takes the whole pid namespace,
     /// exec'd processes too), waits up to `timeout` (zero: no bound) for the init to be reaped,
     /// and forgets the container.
-    pub async fn remove(&self, id: &str, timeout: Duration) -> RpcResult<()> {
+    pub(crate) async fn remove(&self, id: &str, timeout: Duration) -> RpcResult<()> {
         let container = self.get(id)?;
         let init = container.init.clone();
         init.kill(&self.reaper, Signal::SIGKILL);
@@ -290,7 +290,7 @@ impl Containers {
     }
 
     /// The container's resource usage (see the module docs).
-    pub async fn stats(&self, id: &str) -> RpcResult<agent::StatsContainerResponse> {
+    pub(crate) async fn stats(&self, id: &str) -> RpcResult<agent::StatsContainerResponse> {
         let container = self.get(id)?;
         let pid = container.init.pid;
         tokio::task::spawn_blocking(move || {

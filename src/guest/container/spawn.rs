@@ -19,29 +19,29 @@ use nix::unistd::Pid;
 use super::stdio::ChildStdio;
 use crate::guest::reaper::{ExitWatch, Reaper};
 
-pub const FD_CONFIG: i32 = 3;
-pub const FD_START: i32 = 4;
-pub const FD_STATUS: i32 = 5;
+pub(crate) const FD_CONFIG: i32 = 3;
+pub(crate) const FD_START: i32 = 4;
+pub(crate) const FD_STATUS: i32 = 5;
 
 /// The hidden subcommand the agent's main dispatches to [`super::init::main`].
 pub const INIT_SUBCOMMAND: &str = "init-container";
 
 /// Status pipe messages from the init: "ready, waiting for start", or an error and its text.
-pub const MSG_READY: u8 = b'R';
-pub const MSG_ERROR: u8 = b'E';
+pub(crate) const MSG_READY: u8 = b'R';
+pub(crate) const MSG_ERROR: u8 = b'E';
 
 const STACK_SIZE: usize = 256 * 1024;
 
-pub struct Spawned {
-    pub pid: Pid,
-    pub exit: ExitWatch,
+pub(crate) struct Spawned {
+    pub(crate) pid: Pid,
+    pub(crate) exit: ExitWatch,
     /// Writing one byte lets the init exec the program; dropping it makes the init give up.
-    pub start: OwnedFd,
-    pub status: OwnedFd,
+    pub(crate) start: OwnedFd,
+    pub(crate) status: OwnedFd,
 }
 
 /// Clones the init of a new container into fresh pid, mount, UTS and IPC namespaces.
-pub fn spawn_init(reaper: &Reaper, config: &[u8], stdio: ChildStdio) -> io::Result<Spawned> {
+pub(crate) fn spawn_init(reaper: &Reaper, config: &[u8], stdio: ChildStdio) -> io::Result<Spawned> {
     let memfd = memfd_create(c"container-spec", MFdFlags::MFD_CLOEXEC)?;
     let mut file = std::fs::File::from(memfd);
     file.write_all(config)?;
@@ -97,10 +97,10 @@ pub fn spawn_init(reaper: &Reaper, config: &[u8], stdio: ChildStdio) -> io::Resu
 const EXEC_NAMESPACES: [&str; 3] = ["ipc", "uts", "pid"];
 
 /// The container's mount namespace, passed to an exec'd init.
-pub const FD_MNT_NS: i32 = 6;
+pub(crate) const FD_MNT_NS: i32 = 6;
 
 /// The argument after [`INIT_SUBCOMMAND`] that selects the exec mode of the init.
-pub const EXEC_MODE: &str = "exec";
+pub(crate) const EXEC_MODE: &str = "exec";
 
 /// Starts a process in the namespaces of the running container init `target`.
 ///
@@ -108,7 +108,7 @@ pub const EXEC_MODE: &str = "exec";
 /// and clones the real process with CLONE_PARENT, so that it is the agent's child like any other;
 /// the helper reports the new pid on a pipe and exits. The reaper's lock is held until the pid is
 /// registered, so even an immediate exit is not lost.
-pub fn spawn_exec(
+pub(crate) fn spawn_exec(
     reaper: &Reaper,
     target: Pid,
     config: &[u8],
@@ -265,7 +265,7 @@ unsafe fn fail(status_fd: i32) -> ! {
 
 /// What the init reported on the status pipe.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Status {
+pub(crate) enum Status {
     Ready,
     /// The pipe closed without a message: after start, this means the exec succeeded.
     Closed,
@@ -274,7 +274,7 @@ pub enum Status {
 
 /// Reads one status message (blocking): a READY byte, or an error text up to EOF.
 /// After start the init's copy of the pipe is close-on-exec, so a successful exec reads EOF.
-pub fn read_status(status: &mut std::fs::File) -> io::Result<Status> {
+pub(crate) fn read_status(status: &mut std::fs::File) -> io::Result<Status> {
     let mut first = [0u8; 1];
     loop {
         match status.read(&mut first) {

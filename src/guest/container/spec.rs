@@ -11,47 +11,48 @@ use nix::mount::MsFlags;
 use crate::protocols::oci;
 
 /// The `PATH` used to find the program when the spec's environment has none.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InitConfig {
+pub(crate) struct InitConfig {
     /// The container's root in the agent's filesystem.
-    pub rootfs: PathBuf,
-    pub readonly_root: bool,
-    pub hostname: Option<String>,
-    pub mounts: Vec<MountPlan>,
-    pub args: Vec<CString>,
-    pub env: Vec<CString>,
+    pub(crate) rootfs: PathBuf,
+    pub(crate) readonly_root: bool,
+    pub(crate) hostname: Option<String>,
+    pub(crate) mounts: Vec<MountPlan>,
+    pub(crate) args: Vec<CString>,
+    pub(crate) env: Vec<CString>,
     /// Absolute, inside the container.
-    pub cwd: PathBuf,
-    pub uid: u32,
-    pub gid: u32,
-    pub additional_gids: Vec<u32>,
-    pub terminal: bool,
+    pub(crate) cwd: PathBuf,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) additional_gids: Vec<u32>,
+    pub(crate) terminal: bool,
     /// (resource, soft, hard) for setrlimit.
-    pub rlimits: Vec<(RlimitResource, u64, u64)>,
-    pub no_new_privileges: bool,
-    pub oom_score_adj: i64,
+    pub(crate) rlimits: Vec<(RlimitResource, u64, u64)>,
+    pub(crate) no_new_privileges: bool,
+    pub(crate) oom_score_adj: i64,
 }
 
 /// An `RLIMIT_*` constant, as libc types it on this target.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub type RlimitResource = libc::__rlimit_resource_t;
+pub(crate) type RlimitResource = libc::__rlimit_resource_t;
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub type RlimitResource = libc::c_int;
+pub(crate) type RlimitResource = libc::c_int;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountPlan {
+pub(crate) struct MountPlan {
     /// Absolute path inside the container, without `..`.
-    pub destination: PathBuf,
-    pub kind: MountKind,
-    pub flags: MsFlags,
+    pub(crate) destination: PathBuf,
+    pub(crate) kind: MountKind,
+    pub(crate) flags: MsFlags,
     /// Filesystem-specific options (`mode=755,size=65536k`), passed as mount data.
-    pub data: Option<String>,
+    pub(crate) data: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MountKind {
+pub(crate) enum MountKind {
     /// A new instance of a filesystem (proc, sysfs, tmpfs, ...).
     Fresh { fstype: String, source: String },
     /// A bind mount of a path in the agent's filesystem.
@@ -61,7 +62,7 @@ pub enum MountKind {
 /// A spec the agent cannot run; the message names the offending field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid container spec: {0}")]
-pub struct SpecError(pub String);
+pub(crate) struct SpecError(pub String);
 
 fn invalid(msg: impl Into<String>) -> SpecError {
     SpecError(msg.into())
@@ -71,7 +72,7 @@ fn cstring(what: &str, s: &str) -> Result<CString, SpecError> {
     CString::new(s).map_err(|_| invalid(format!("{what} contains a NUL byte: {s:?}")))
 }
 
-pub fn translate(spec: &oci::Spec) -> Result<InitConfig, SpecError> {
+pub(crate) fn translate(spec: &oci::Spec) -> Result<InitConfig, SpecError> {
     let root = spec
         .Root
         .as_ref()
@@ -149,7 +150,7 @@ fn rlimit(limit: &oci::POSIXRlimit) -> Result<(RlimitResource, u64, u64), SpecEr
 type ProcessParts = (Vec<CString>, Vec<CString>, PathBuf);
 
 /// Args, Env and Cwd of a process (shared with ExecProcess).
-pub fn process_parts(process: &oci::Process) -> Result<ProcessParts, SpecError> {
+pub(crate) fn process_parts(process: &oci::Process) -> Result<ProcessParts, SpecError> {
     if process.Args.is_empty() || process.Args[0].is_empty() {
         return Err(invalid("Process.Args is empty: there is no program to run"));
     }

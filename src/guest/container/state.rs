@@ -21,12 +21,12 @@ use crate::protocols::oci;
 const DEFAULT_ROWS: u16 = 24;
 const DEFAULT_COLS: u16 = 80;
 
-pub struct Process {
+pub(crate) struct Process {
     /// For messages: `container "c1"` or `process "e1" of container "c1"`.
-    pub id: String,
-    pub pid: Pid,
+    pub(crate) id: String,
+    pub(crate) pid: Pid,
     exit: ExitWatch,
-    pub stdio: Stdio,
+    pub(crate) stdio: Stdio,
     /// The start and status pipes, until StartContainer used them.
     pending: tokio::sync::Mutex<Option<(OwnedFd, OwnedFd)>>,
 }
@@ -34,13 +34,17 @@ pub struct Process {
 impl Process {
     /// Validates the spec, then starts the init, which sets everything up and waits for start:
     /// any problem it finds (mounts, user, missing program) fails CreateContainer.
-    pub async fn create_init(reaper: &Reaper, id: String, spec: oci::Spec) -> RpcResult<Process> {
+    pub(crate) async fn create_init(
+        reaper: &Reaper,
+        id: String,
+        spec: oci::Spec,
+    ) -> RpcResult<Process> {
         Self::launch(reaper, id, spec, None).await
     }
 
     /// Runs one more process in the namespaces of the container whose init is `target`: created
     /// and started at once (ExecProcess has no separate start).
-    pub async fn exec(
+    pub(crate) async fn exec(
         reaper: &Reaper,
         label: String,
         target: Pid,
@@ -114,7 +118,7 @@ impl Process {
     }
 
     /// Lets the init exec the program; an exec failure comes back as FAILED_PRECONDITION.
-    pub async fn start(&self) -> RpcResult<()> {
+    pub(crate) async fn start(&self) -> RpcResult<()> {
         let id = &self.id;
         let (start, status_pipe) = self.pending.lock().await.take().ok_or_else(|| {
             status(
@@ -153,17 +157,17 @@ impl Process {
     }
 
     /// The exit code, once the process was reaped.
-    pub fn exited(&self) -> Option<i32> {
+    pub(crate) fn exited(&self) -> Option<i32> {
         *self.exit.borrow()
     }
 
     /// Waits for the exit code (any number of callers, before or after the exit).
-    pub async fn wait(&self) -> i32 {
+    pub(crate) async fn wait(&self) -> i32 {
         reaper::wait_exit(self.exit.clone()).await
     }
 
     /// Signals the process unless it already exited (then: nothing to do, no error).
-    pub fn kill(&self, reaper: &Reaper, signal: Signal) {
+    pub(crate) fn kill(&self, reaper: &Reaper, signal: Signal) {
         if let Err(err) = reaper.kill(self.pid, &self.exit, signal) {
             tracing::warn!(process = %self.id, %err, "signalling");
         }

@@ -10,28 +10,28 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Mutex;
 
 /// The most one ReadStdout/ReadStderr returns; also used when the request asks for 0 bytes.
-pub const MAX_READ: usize = 1024 * 1024;
+pub(crate) const MAX_READ: usize = 1024 * 1024;
 const DEFAULT_READ: usize = 32 * 1024;
 
 /// The ends the container process gets as fds 0, 1 and 2.
-pub struct ChildStdio {
-    pub stdin: OwnedFd,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+pub(crate) struct ChildStdio {
+    pub(crate) stdin: OwnedFd,
+    pub(crate) stdout: OwnedFd,
+    pub(crate) stderr: OwnedFd,
 }
 
 /// The agent's ends. A stream is `None` once closed (stdin) or at EOF (stdout, stderr).
-pub struct Stdio {
-    pub stdin: Mutex<Option<Stream>>,
-    pub stdout: Mutex<Option<Stream>>,
-    pub stderr: Mutex<Option<Stream>>,
+pub(crate) struct Stdio {
+    pub(crate) stdin: Mutex<Option<Stream>>,
+    pub(crate) stdout: Mutex<Option<Stream>>,
+    pub(crate) stderr: Mutex<Option<Stream>>,
     /// The pty master, for TIOCSWINSZ.
-    pub tty: Option<OwnedFd>,
+    pub(crate) tty: Option<OwnedFd>,
 }
 
 impl Stdio {
     /// Three pipes.
-    pub fn pipes() -> io::Result<(Stdio, ChildStdio)> {
+    pub(crate) fn pipes() -> io::Result<(Stdio, ChildStdio)> {
         let (stdin_r, stdin_w) = pipe()?;
         let (stdout_r, stdout_w) = pipe()?;
         let (stderr_r, stderr_w) = pipe()?;
@@ -53,7 +53,7 @@ impl Stdio {
 
     /// A pty: the slave is all three of the child's fds; output (stdout and stderr) comes out of
     /// the master as stdout, and the agent's stderr stream is at EOF from the start.
-    pub fn terminal(rows: u16, cols: u16) -> io::Result<(Stdio, ChildStdio)> {
+    pub(crate) fn terminal(rows: u16, cols: u16) -> io::Result<(Stdio, ChildStdio)> {
         let size = Winsize {
             ws_row: rows,
             ws_col: cols,
@@ -81,7 +81,7 @@ impl Stdio {
         Ok((stdio, child))
     }
 
-    pub fn resize(&self, rows: u16, cols: u16) -> io::Result<()> {
+    pub(crate) fn resize(&self, rows: u16, cols: u16) -> io::Result<()> {
         let tty = self.tty.as_ref().ok_or_else(|| {
             io::Error::new(io::ErrorKind::Unsupported, "the process has no terminal")
         })?;
@@ -101,7 +101,7 @@ impl Stdio {
 }
 
 /// Up to `len` bytes from `slot`; waits for data; empty at EOF (then and ever after).
-pub async fn read(slot: &Mutex<Option<Stream>>, len: u32) -> io::Result<Vec<u8>> {
+pub(crate) async fn read(slot: &Mutex<Option<Stream>>, len: u32) -> io::Result<Vec<u8>> {
     let mut guard = slot.lock().await;
     let Some(stream) = guard.as_ref() else {
         return Ok(Vec::new());
@@ -118,7 +118,7 @@ pub async fn read(slot: &Mutex<Option<Stream>>, len: u32) -> io::Result<Vec<u8>>
 }
 
 /// Writes all of `data` (waiting while the pipe is full); the number of bytes written.
-pub async fn write(slot: &Mutex<Option<Stream>>, data: &[u8]) -> io::Result<usize> {
+pub(crate) async fn write(slot: &Mutex<Option<Stream>>, data: &[u8]) -> io::Result<usize> {
     let guard = slot.lock().await;
     let stream = guard
         .as_ref()
@@ -131,7 +131,7 @@ pub async fn write(slot: &Mutex<Option<Stream>>, data: &[u8]) -> io::Result<usiz
 }
 
 /// One non-blocking fd driven by tokio's reactor (pipes and pty masters alike).
-pub struct Stream {
+pub(crate) struct Stream {
     fd: AsyncFd<OwnedFd>,
 }
 

@@ -9,10 +9,10 @@ use crate::protocols::agent::Storage;
 
 /// Used when the storage's options name no `msize`: 512 KiB is what virtio-9p can carry in one
 /// request on Linux, and far faster than the kernel's 8 KiB default.
-pub const DEFAULT_MSIZE: u32 = 512 * 1024;
+pub(crate) const DEFAULT_MSIZE: u32 = 512 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-pub enum StorageError {
+pub(crate) enum StorageError {
     #[error("storage driver {0:?} is not supported (only \"9p\")")]
     Driver(String),
     #[error("storage {0:?}: {1}")]
@@ -27,16 +27,16 @@ pub enum StorageError {
 
 /// A validated 9p mount: flags and data for mount(2).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NinePMount {
-    pub tag: String,
-    pub target: PathBuf,
-    pub flags: MsFlags,
-    pub data: String,
+pub(crate) struct NinePMount {
+    pub(crate) tag: String,
+    pub(crate) target: PathBuf,
+    pub(crate) flags: MsFlags,
+    pub(crate) data: String,
 }
 
 /// Builds the mount for one Storage; the virtio transport options are always ours, other data
 /// options (e.g. `cache=mmap`, `msize=`) pass through.
-pub fn ninep_mount(storage: &Storage) -> Result<NinePMount, StorageError> {
+pub(crate) fn ninep_mount(storage: &Storage) -> Result<NinePMount, StorageError> {
     if storage.driver != "9p" {
         return Err(StorageError::Driver(storage.driver.clone()));
     }
@@ -76,7 +76,7 @@ pub fn ninep_mount(storage: &Storage) -> Result<NinePMount, StorageError> {
 }
 
 /// Creates the mount point and mounts the share.
-pub fn mount_9p(m: &NinePMount) -> Result<(), StorageError> {
+pub(crate) fn mount_9p(m: &NinePMount) -> Result<(), StorageError> {
     let fail = |source| StorageError::Mount {
         tag: m.tag.clone(),
         target: m.target.display().to_string(),
@@ -94,7 +94,7 @@ pub fn mount_9p(m: &NinePMount) -> Result<(), StorageError> {
 }
 
 /// Lazily unmounts (a container may still hold files open); failures are only logged.
-pub fn unmount(target: &PathBuf) {
+pub(crate) fn unmount(target: &PathBuf) {
     if let Err(err) = umount2(target, MntFlags::MNT_DETACH) {
         tracing::warn!(target = %target.display(), %err, "unmounting sandbox storage");
     }

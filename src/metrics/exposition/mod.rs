@@ -25,7 +25,7 @@ pub(crate) use parse::parse;
 pub(crate) const HOST_LABELS: [&str; 4] = ["sandbox_id", "cri_uid", "cri_name", "cri_namespace"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MetricType {
+pub(crate) enum MetricType {
     Counter,
     Gauge,
     Histogram,
@@ -90,7 +90,7 @@ impl Sample {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Family {
+pub(crate) struct Family {
     pub(crate) name: String,
     pub(crate) help: String,
     pub(crate) kind: MetricType,
@@ -120,7 +120,7 @@ impl Default for Limits {
 
 /// A family left out of the result, and why.
 #[derive(Debug, Clone)]
-pub struct Dropped {
+pub(crate) struct Dropped {
     pub(crate) family: String,
     pub(crate) reason: String,
 }

@@ -77,7 +77,7 @@ impl std::fmt::Display for Accel {
 /// One sandbox VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    pub qemu_path: PathBuf,
+    pub(crate) qemu_path: PathBuf,
     /// The guest kernel: an uncompressed `vmlinux` (boots faster under TCG) or a bzImage.
     pub kernel: PathBuf,
     /// The initramfs whose `/init` is the static kata-agent.
@@ -88,16 +88,16 @@ pub struct VmConfig {
     /// `vhost-device-vsock`, used when the host has no `/dev/vhost-vsock`.
     pub vsock_daemon: PathBuf,
     /// Where the health checks of the boot report their latency (the shim's agent RPC histogram).
-    pub agent_durations: Option<RpcDurations>,
+    pub(crate) agent_durations: Option<RpcDurations>,
     /// The host directory exported to the guest over virtio-9p with mount tag [`SHARE_MOUNT_TAG`].
-    pub share_dir: PathBuf,
+    pub(crate) share_dir: PathBuf,
     /// Where every file of this VM lives (e.g. `<run dir>/<sandbox id>/vm`); created by
     /// [`Vm::start`], removed by [`Vm::stop`]. It must not exist yet.
     pub state_dir: PathBuf,
     /// How long the guest's agent may take to answer its first health check.
     pub boot_timeout: Duration,
     /// Appended to [`BASE_KERNEL_PARAMS`].
-    pub kernel_params: String,
+    pub(crate) kernel_params: String,
 }
 
 impl VmConfig {
@@ -136,7 +136,7 @@ pub struct BootTimings {
     /// QEMU spawned until the agent's first successful health check.
     pub qemu_to_agent: Duration,
     /// The whole of [`Vm::start`].
-    pub total: Duration,
+    pub(crate) total: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]

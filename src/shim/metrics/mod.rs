@@ -3,6 +3,6 @@
 //! ([`overhead`]), and bringing all of it up behind the management server ([`launch`]).
 
 pub mod launch;
-pub mod overhead;
+pub(crate) mod overhead;
 pub mod registry;
-pub mod scrape;
+pub(crate) mod scrape;

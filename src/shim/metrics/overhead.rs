@@ -23,15 +23,15 @@ const GUEST_BUSY_ITEMS: [&str; 6] = ["user", "nice", "system", "irq", "softirq",
 
 /// What the guest reported in one scrape.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GuestUsage {
+pub(crate) struct GuestUsage {
     /// Busy CPU time of all guest CPUs, in clock ticks.
-    pub busy_ticks: f64,
-    pub used_memory_bytes: f64,
+    pub(crate) busy_ticks: f64,
+    pub(crate) used_memory_bytes: f64,
 }
 
 impl GuestUsage {
     /// Reads `kata_guest_cpu_time{cpu="total"}` and `kata_guest_meminfo` out of the agent's families.
-    pub fn from_families(families: &[Family]) -> Option<GuestUsage> {
+    pub(crate) fn from_families(families: &[Family]) -> Option<GuestUsage> {
         let family = |name: &str| families.iter().find(|f| f.name == name);
         let cpu = family("kata_guest_cpu_time")?;
         let busy_ticks = cpu
@@ -75,14 +75,14 @@ struct State {
     memory_bytes: Option<f64>,
 }
 
-pub struct PodOverhead {
+pub(crate) struct PodOverhead {
     cpu: GaugeSpec,
     memory: GaugeSpec,
     state: Mutex<State>,
 }
 
 impl PodOverhead {
-    pub fn new() -> prometheus::Result<Self> {
+    pub(crate) fn new() -> prometheus::Result<Self> {
         Ok(PodOverhead {
             cpu: GaugeSpec::new(
                 "kata_shim_pod_overhead_cpu",
@@ -99,7 +99,7 @@ impl PodOverhead {
     }
 
     /// Recomputes the overhead from this scrape's guest figures and the host processes now.
-    pub fn update(&self, guest: Option<GuestUsage>, hypervisor_pid: Option<i32>) {
+    pub(crate) fn update(&self, guest: Option<GuestUsage>, hypervisor_pid: Option<i32>) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let host = guest.and_then(|guest| Some((guest, host_usage(hypervisor_pid)?)));
         let Some((guest, (host_ticks, host_rss))) = host else {

@@ -34,19 +34,19 @@ lazy_static! {
     pub static ref REGISTRY: Registry = Registry::new();
 
     /// Latency of each call to the agent, by request type (`grpc.GetMetricsRequest`, ...).
-    pub static ref AGENT_RPC_DURATIONS: HistogramVec = histogram_vec(
+    pub(crate) static ref AGENT_RPC_DURATIONS: HistogramVec = histogram_vec(
         "kata_shim_agent_rpc_durations_histogram_milliseconds",
         "RPC latency distributions.",
     );
 
     /// Latency of each containerd task RPC the shim serves, by action (`create`, `start`, ...).
-    pub static ref SHIM_RPC_DURATIONS: HistogramVec = histogram_vec(
+    pub(crate) static ref SHIM_RPC_DURATIONS: HistogramVec = histogram_vec(
         "kata_shim_rpc_durations_histogram_milliseconds",
         "RPC latency distributions.",
     );
 
     /// 1 when the last scrape got the agent's metrics, 0 when they are missing from it.
-    pub static ref AGENT_METRICS_UP: IntGauge = {
+    pub(crate) static ref AGENT_METRICS_UP: IntGauge = {
         let gauge = IntGauge::new(
             "kata_shim_agent_metrics_up",
             "1 if the last scrape included the agent's metrics, 0 if the agent could not be read.",
@@ -57,7 +57,7 @@ lazy_static! {
     };
 
     /// Scrapes that lost the agent's metrics, by reason (connect, timeout, rpc, too_large, ...).
-    pub static ref AGENT_METRICS_ERRORS: IntCounterVec = {
+    pub(crate) static ref AGENT_METRICS_ERRORS: IntCounterVec = {
         let counter = IntCounterVec::new(
             Opts::new(
                 "kata_shim_agent_metrics_errors_total",
@@ -71,7 +71,7 @@ lazy_static! {
     };
 
     /// Families of the agent's text that were refused (invalid, duplicated, or outside its namespaces).
-    pub static ref AGENT_FAMILIES_DROPPED: IntCounter = {
+    pub(crate) static ref AGENT_FAMILIES_DROPPED: IntCounter = {
         let counter = IntCounter::new(
             "kata_shim_agent_metrics_dropped_families_total",
             "Metric families from the agent that were dropped as invalid, duplicated or not allowed.",
@@ -82,7 +82,7 @@ lazy_static! {
     };
 
     /// The sandbox's cost beyond its guest, updated by each scrape (see [`super::overhead`]).
-    pub static ref POD_OVERHEAD: PodOverhead = PodOverhead::new().expect("static gauge definitions");
+    pub(crate) static ref POD_OVERHEAD: PodOverhead = PodOverhead::new().expect("static gauge definitions");
 
     /// The pid whose hypervisor collector is registered, so a new VM replaces the old one.
     static ref HYPERVISOR_PID: Mutex<Option<i32>> = Mutex::new(None);
@@ -129,14 +129,14 @@ pub fn register_hypervisor(pid: i32) -> Result<(), prometheus::Error> {
 }
 
 /// The hypervisor pid the `kata_hypervisor_*` families watch, if any.
-pub fn hypervisor_pid() -> Option<i32> {
+pub(crate) fn hypervisor_pid() -> Option<i32> {
     *HYPERVISOR_PID
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Removes the hypervisor families (the VM is gone).
-pub fn unregister_hypervisor() {
+pub(crate) fn unregister_hypervisor() {
     let mut current = HYPERVISOR_PID
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());

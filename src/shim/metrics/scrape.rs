@@ -27,19 +27,19 @@ const AGENT_RENAMES: [(&str, &str); 2] = [
     ("go_", "kata_agent_go_"),
 ];
 
-pub struct ShimScraper {
+pub(crate) struct ShimScraper {
     agent: Arc<AgentClient>,
     limits: Limits,
 }
 
 impl ShimScraper {
-    pub fn new(agent: Arc<AgentClient>, limits: Limits) -> Self {
+    pub(crate) fn new(agent: Arc<AgentClient>, limits: Limits) -> Self {
         ShimScraper { agent, limits }
     }
 
     /// The whole `/metrics` body. Never fails: without the agent it still has the host families and
     /// says so with `kata_shim_agent_metrics_up 0`.
-    pub async fn render(&self) -> String {
+    pub(crate) async fn render(&self) -> String {
         let request = GetMetricsRequest::new();
         let agent_text = match self.agent.get_metrics(request).await {
             Ok(reply) => Some(reply.metrics),
@@ -120,7 +120,7 @@ impl MetricsSource for ShimScraper {
 }
 
 /// Keeps the agent families the host accepts (renamed where needed) and lists the refused ones.
-pub fn agent_families_from(
+pub(crate) fn agent_families_from(
     families: Vec<Family>,
     mut dropped: Vec<Dropped>,
 ) -> (Vec<Family>, Vec<Dropped>) {
