@@ -271,6 +271,16 @@ async fn leftovers_of_a_crashed_shim_are_cleaned_up() {
     std::fs::write(state.join("vsock-daemon.pid"), format!("{}\n", other.id())).expect("pid file");
     std::fs::write(state.join("console.log"), "boot log").expect("log file");
 
+    // The kernel fills in a new process's command line just after exec: wait until it shows.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(&state).contains(&(ours.id() as i32)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stand-in never ran"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
     kill_leftovers(&state).expect("kill_leftovers");
     let status = ours.wait().expect("wait for the stand-in");
     assert!(!status.success(), "the stand-in was killed: {status}");

@@ -107,6 +107,19 @@ mod tests {
             .spawn()
             .unwrap();
         std::fs::write(state.join(QEMU_PID), format!("{}\n", qemu.id())).unwrap();
+        // spawn returns once the child is in exec, but the kernel fills in its command line a
+        // moment later: wait until it shows, as a leftover of a crashed shim long since has.
+        let cmdline = format!("/proc/{}/cmdline", qemu.id());
+        let needle = state.as_os_str().as_encoded_bytes().to_vec();
+        let shown = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read(&cmdline)
+            .unwrap()
+            .windows(needle.len())
+            .any(|w| w == needle.as_slice())
+        {
+            assert!(std::time::Instant::now() < shown, "no command line");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let started = std::time::Instant::now();
         kill_leftovers(&state).unwrap();
         let took = started.elapsed();
