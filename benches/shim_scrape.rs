@@ -31,8 +31,13 @@ fn release_example(name: &str) -> PathBuf {
         .status()
         .expect("cargo build --release --example");
     assert!(status.success());
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/release/examples")
+    // The example sits next to the bench's own binary (`<target>/release/deps/`), wherever
+    // CARGO_TARGET_DIR puts it.
+    let deps = std::env::current_exe().expect("the bench's own path");
+    deps.parent()
+        .and_then(Path::parent)
+        .expect("the bench runs from <target>/release/deps")
+        .join("examples")
         .join(name)
 }
 
