@@ -332,27 +332,7 @@ pub(crate) fn families_of_registry(gathered: &[prometheus::proto::MetricFamily])
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sample(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
-        Sample {
-            name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            value,
-            timestamp_ms: None,
-        }
-    }
-
-    fn family(name: &str, kind: MetricType, samples: Vec<Sample>) -> Family {
-        Family {
-            name: name.into(),
-            help: format!("help of {name}"),
-            kind,
-            samples,
-        }
-    }
+    use crate::metrics::exposition::test_support::{family, sample};
 
     #[test]
     fn host_labels_are_appended_and_replace_any_the_shim_set() {

@@ -15,7 +15,7 @@ mod round_trip;
 mod series;
 mod syntax;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 pub(crate) use encode::{encode, escape_label_value, write_value};
 pub(crate) use parse::parse;

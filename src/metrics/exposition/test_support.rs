@@ -1,4 +1,5 @@
-//! Builders and shorthands shared by the exposition tests.
+//! Builders and shorthands shared by the exposition tests (and the monitor's, which build
+//! families too).
 
 use super::{encode, parse, Exposition, Family, Limits, MetricType, Sample};
 
@@ -13,7 +14,7 @@ pub(super) fn names(e: &Exposition) -> Vec<&str> {
     e.families.iter().map(|f| f.name.as_str()).collect()
 }
 
-pub(super) fn sample(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
+pub(crate) fn sample(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
     Sample {
         name: name.to_string(),
         labels: labels
@@ -25,7 +26,7 @@ pub(super) fn sample(name: &str, labels: &[(&str, &str)], value: f64) -> Sample 
     }
 }
 
-pub(super) fn family(name: &str, kind: MetricType, samples: Vec<Sample>) -> Family {
+pub(crate) fn family(name: &str, kind: MetricType, samples: Vec<Sample>) -> Family {
     Family {
         name: name.to_string(),
         help: format!("help for {name}"),
