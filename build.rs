@@ -4,10 +4,11 @@ use std::path::PathBuf;
 
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
-const PROTOS: [&str; 3] = [
+const PROTOS: [&str; 4] = [
     "protos/agent.proto",
     "protos/health.proto",
     "protos/oci.proto",
+    "protos/types.proto",
 ];
 
 fn main() {

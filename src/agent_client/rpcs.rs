@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{AgentClient, AgentError, AgentTimeouts};
 use crate::protocols::empty::Empty;
-use crate::protocols::{agent, health};
+use crate::protocols::{agent, health, types};
 
 /// The deadline of most calls.
 fn request<R>(timeouts: &AgentTimeouts, _: &R) -> Option<Duration> {
@@ -78,6 +78,10 @@ agent_rpcs! {
     agent.write_stdin(agent::WriteStreamRequest) -> agent::WriteStreamResponse, request;
     agent.close_stdin(agent::CloseStdinRequest) -> Empty, request;
     agent.tty_win_resize(agent::TtyWinResizeRequest) -> Empty, request;
+    /// Configures the guest interface whose MAC is `interface.hwAddr` (addresses, MTU, up).
+    agent.update_interface(agent::UpdateInterfaceRequest) -> types::Interface, request;
+    /// Replaces the guest's routes with these.
+    agent.update_routes(agent::UpdateRoutesRequest) -> agent::Routes, request;
     /// `grpc.Health/Check`; see [`AgentClient::serving`] for the answer's meaning.
     health.check(health::CheckRequest) -> health::HealthCheckResponse, request;
 }

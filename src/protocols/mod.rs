@@ -1,7 +1,7 @@
 //! The agent protocol, generated from `protos/` by build.rs.
 //!
 //! Each generated file becomes a sibling module: the ttrpc files refer to their messages as
-//! `super::agent`, `super::health`, `super::oci`. [`requests`] adds short constructors for the
+//! `super::agent`, `super::health`, `super::oci`, `super::types`. [`requests`] adds short constructors for the
 //! requests that address a container or process.
 
 /// `google.protobuf.Empty`, as the generated ttrpc code names it.
@@ -19,6 +19,10 @@ pub mod agent {
 #[allow(clippy::all, unused_mut, unused_qualifications, nonstandard_style)]
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/protocols/agent_ttrpc.rs"));
+}
+#[allow(clippy::all, unused_mut, unused_qualifications, nonstandard_style)]
+pub mod types {
+    include!(concat!(env!("OUT_DIR"), "/protocols/types.rs"));
 }
 #[allow(clippy::all, unused_mut, unused_qualifications, nonstandard_style)]
 pub mod health {
