@@ -6,6 +6,7 @@ pub(crate) mod container;
 pub(crate) mod events;
 pub mod hypervisor;
 pub mod metrics;
+pub(crate) mod network;
 pub(crate) mod oci;
 pub(crate) mod rootfs;
 pub(crate) mod sandbox;

@@ -5,10 +5,11 @@
 //! network namespaces and the like) are dropped so the agent creates fresh ones.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
+use super::sandbox::SandboxSpec;
 use crate::protocols::oci as grpc;
 
 /// Where the agent mounts the shared directory (9p tag `kataShared`) inside the VM.
@@ -48,6 +49,28 @@ pub(crate) fn load(bundle: &Path) -> Result<Spec, SpecError> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// What the sandbox container's spec says about its sandbox: the pod and its network namespace.
+pub(crate) fn sandbox_spec(spec: &Spec) -> SandboxSpec {
+    SandboxSpec {
+        pod: pod_identity(spec),
+        netns: network_namespace(spec),
+    }
+}
+
+/// The path of the network namespace the spec joins (CRI's pod namespace, set up by CNI); `None`
+/// when the spec asks for a new namespace or none.
+pub(crate) fn network_namespace(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|ns| ns.typ() == LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+        .filter(|path| !path.as_os_str().is_empty())
 }
 
 /// The pod a sandbox belongs to (kata-monitor's `cri_*` labels), from the CRI annotations.
@@ -271,5 +294,23 @@ mod tests {
         let mut plain = spec();
         plain.set_annotations(None);
         assert_eq!(sandbox_of(&plain), None);
+    }
+
+    #[test]
+    fn the_network_namespace_comes_from_the_spec_when_it_names_a_path() {
+        let with = |namespaces: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion": "1.0.2", "linux": {{"namespaces": [{namespaces}]}}}}"#
+            ))
+            .unwrap()
+        };
+        let cri =
+            with(r#"{"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1234"}"#);
+        assert_eq!(
+            network_namespace(&cri),
+            Some(PathBuf::from("/var/run/netns/cni-1234"))
+        );
+        assert_eq!(network_namespace(&with(r#"{"type": "network"}"#)), None);
+        assert_eq!(network_namespace(&with(r#"{"type": "pid"}"#)), None);
     }
 }

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::config::{self, Config};
-use super::hypervisor::{self, Vm, VmConfig, VmError};
+use super::hypervisor::{self, Nic, Vm, VmConfig, VmError};
 use super::metrics::launch::{self, SandboxMetrics};
 use super::metrics::registry;
+use super::network::{self, NetworkError};
 use super::oci::{GUEST_SHARED_DIR, SHARED_TAG};
 use super::rootfs;
 use crate::agent_client::{AgentClient, AgentError};
@@ -32,6 +33,8 @@ pub(crate) enum SandboxError {
     },
     #[error("sandbox {id}: starting the VM: {source}")]
     Vm { id: String, source: VmError },
+    #[error("sandbox {id}: wiring the pod's network into the VM: {source}")]
+    Network { id: String, source: NetworkError },
     #[error("sandbox {id}: the agent refused CreateSandbox: {source}")]
     CreateSandbox { id: String, source: AgentError },
 }
@@ -66,13 +69,14 @@ pub(crate) struct Sandbox {
 }
 
 impl Sandbox {
-    /// Boots the VM, has the agent mount the shared directory, and starts the metrics server.
-    /// On failure nothing of the sandbox is left behind.
+    /// Wires the pod's network, boots the VM, configures the guest's NICs, has the agent mount the
+    /// shared directory, and starts the metrics server. On failure nothing of the sandbox is left
+    /// behind.
     pub(crate) async fn start(
         config: &Config,
         id: &str,
         namespace: &str,
-        pod: Option<PodIdentity>,
+        spec: SandboxSpec,
     ) -> Result<Sandbox, SandboxError> {
         let dirs = SandboxDirs::new(&config.run_dir(), id);
         // The VM creates its own state directory (and refuses one that exists: leftovers).
@@ -81,8 +85,21 @@ impl Sandbox {
             path: dirs.shared.clone(),
             source,
         })?;
+        let (pod_network, nics) = match &spec.netns {
+            Some(netns) => match network::prepare(netns).await {
+                Ok(prepared) => prepared,
+                Err(source) => {
+                    remove_dirs(&dirs, id);
+                    return Err(SandboxError::Network {
+                        id: id.to_string(),
+                        source,
+                    });
+                }
+            },
+            None => Default::default(),
+        };
         let started = Instant::now();
-        let mut vm = match Vm::start(&vm_config(config, &dirs)).await {
+        let vm = match Vm::start(&vm_config(config, &dirs, nics)).await {
             Ok(vm) => vm,
             Err(source) => {
                 remove_dirs(&dirs, id);
@@ -99,11 +116,15 @@ impl Sandbox {
         );
 
         let started = Instant::now();
+        if let Err(source) = pod_network.configure_guest(&agent).await {
+            abandon(vm, &dirs, id).await;
+            return Err(SandboxError::Network {
+                id: id.to_string(),
+                source,
+            });
+        }
         if let Err(source) = create_guest_sandbox(&agent, id).await {
-            if let Err(err) = vm.stop().await {
-                tracing::warn!(sandbox = id, "stopping the VM: {err}");
-            }
-            remove_dirs(&dirs, id);
+            abandon(vm, &dirs, id).await;
             return Err(SandboxError::CreateSandbox {
                 id: id.to_string(),
                 source,
@@ -121,7 +142,7 @@ impl Sandbox {
             agent: agent.clone(),
             agent_text_limits: config.agent_text_limits(),
             abstract_socket: config.runtime.abstract_socket,
-            pod,
+            pod: spec.pod,
         })
         .await
         {
@@ -190,6 +211,23 @@ impl Sandbox {
     }
 }
 
+/// What the sandbox container's OCI spec says about the sandbox.
+#[derive(Debug, Default)]
+pub(crate) struct SandboxSpec {
+    /// Pod labels for kata-monitor, from the CRI annotations.
+    pub(crate) pod: Option<PodIdentity>,
+    /// The network namespace CNI set up for the pod; without one the VM gets no NIC.
+    pub(crate) netns: Option<PathBuf>,
+}
+
+/// Stops a VM whose sandbox failed to come up, and removes the sandbox's files.
+async fn abandon(mut vm: Vm, dirs: &SandboxDirs, id: &str) {
+    if let Err(err) = vm.stop().await {
+        tracing::warn!(sandbox = id, "stopping the VM: {err}");
+    }
+    remove_dirs(dirs, id);
+}
+
 /// The shim's one sandbox, shared by the task service (which starts it) and the shim's exit path.
 pub(crate) type SandboxSlot = Arc<tokio::sync::Mutex<Option<Sandbox>>>;
 
@@ -238,7 +276,7 @@ async fn create_guest_sandbox(agent: &AgentClient, id: &str) -> Result<(), Agent
     agent.create_sandbox(req).await.map(drop)
 }
 
-fn vm_config(config: &Config, dirs: &SandboxDirs) -> VmConfig {
+fn vm_config(config: &Config, dirs: &SandboxDirs, nics: Vec<Nic>) -> VmConfig {
     let qemu = &config.hypervisor.qemu;
     VmConfig {
         qemu_path: qemu.path.clone(),
@@ -261,6 +299,7 @@ fn vm_config(config: &Config, dirs: &SandboxDirs) -> VmConfig {
         } else {
             qemu.kernel_params.clone()
         },
+        nics,
     }
 }
 

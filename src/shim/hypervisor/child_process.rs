@@ -1,6 +1,8 @@
 //! The VM's child processes (QEMU, the vsock daemon): spawning them detached with their output in
 //! a log, signalling them, and stopping them with a grace period.
 
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -15,13 +17,19 @@ use super::VmError;
 /// How long a process gets to exit after a polite request, before SIGKILL.
 pub(super) const STOP_GRACE: Duration = Duration::from_secs(3);
 
+/// The descriptor number the first of [`spawn_detached`]'s `inherited` descriptors gets in the
+/// child (right after stdin, stdout and stderr); the next ones follow.
+pub(super) const FIRST_INHERITED_FD: RawFd = 3;
+
 /// Spawns `cmd` in a process group of its own (no terminal signals from the shim's group), with
-/// stdin from /dev/null and its output in `log`.
+/// stdin from /dev/null, its output in `log`, and `inherited[i]` as its descriptor
+/// `FIRST_INHERITED_FD + i` (every other descriptor of the shim is close-on-exec).
 pub(super) fn spawn_detached(
     mut cmd: Command,
     log: std::fs::File,
     what: &str,
     program: &Path,
+    inherited: &[&OwnedFd],
 ) -> Result<Child, VmError> {
     let err_log = log
         .try_clone()
@@ -31,8 +39,41 @@ pub(super) fn spawn_detached(
         .stderr(Stdio::from(err_log))
         .process_group(0)
         .kill_on_drop(true);
+    // Copies numbered above the targets, so that moving one into place cannot close another.
+    let copies = inherited
+        .iter()
+        .map(|fd| dup_above(fd, FIRST_INHERITED_FD + 64))
+        .collect::<io::Result<Vec<OwnedFd>>>()
+        .map_err(|e| VmError::io(format!("passing descriptors to {what}"), e))?;
+    if !copies.is_empty() {
+        let sources: Vec<RawFd> = copies.iter().map(AsRawFd::as_raw_fd).collect();
+        // SAFETY: the closure runs in the child between fork and exec and calls only dup2, which
+        // is async-signal-safe; the new descriptors are not close-on-exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                for (target, source) in (FIRST_INHERITED_FD..).zip(&sources) {
+                    if libc::dup2(*source, target) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    // The copies close when this returns: the child has its own by then.
     cmd.spawn()
         .map_err(|e| VmError::io(format!("starting {what} ({})", program.display()), e))
+}
+
+/// A close-on-exec duplicate of `fd` numbered `min` or above.
+fn dup_above(fd: &OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor that nothing else owns.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 pub(super) fn child_pid(child: &Child) -> i32 {

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use super::child_process::FIRST_INHERITED_FD;
 use super::state_files::{CONSOLE_LOG, QEMU_PID, QMP_SOCKET, VHOST_USER_SOCKET};
 use super::{Accel, VmConfig, BASE_KERNEL_PARAMS, SHARE_MOUNT_TAG};
 
@@ -70,15 +71,20 @@ pub(super) fn qemu_args(
         ),
         "-device".into(),
         format!("virtio-9p-pci,fsdev=fs0,mount_tag={SHARE_MOUNT_TAG}"),
-        "-netdev".into(),
-        "user,id=net0".into(),
-        "-device".into(),
-        "virtio-net-pci,netdev=net0".into(),
         "-pidfile".into(),
         path(QEMU_PID),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", path(QMP_SOCKET)),
     ]);
+    // Each NIC's tap descriptor is handed to QEMU as fd 3, 4, ... (see `nic_fd`).
+    for (n, nic) in cfg.nics.iter().enumerate() {
+        args.extend([
+            "-netdev".into(),
+            format!("tap,id=net{n},fd={},vhost=off", nic_fd(n)),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net{n},mac={}", nic.mac),
+        ]);
+    }
     match vsock {
         VsockDevice::VhostUser => args.extend([
             "-chardev".into(),
@@ -92,6 +98,11 @@ pub(super) fn qemu_args(
         ]),
     }
     args
+}
+
+/// The descriptor number QEMU finds NIC `n`'s tap at (QEMU is spawned with the taps, in order).
+fn nic_fd(n: usize) -> i32 {
+    FIRST_INHERITED_FD + n as i32
 }
 
 /// The VM's name for `-name sandbox-<name>`: the sandbox id when the state directory is
@@ -110,6 +121,7 @@ fn vm_name(state_dir: &Path) -> String {
 mod tests {
     use super::*;
     use crate::shim::hypervisor::test_config as config;
+    use crate::shim::hypervisor::Nic;
 
     #[test]
     fn command_line_has_the_devices() {
@@ -124,6 +136,10 @@ mod tests {
         assert!(args.contains("vhost-user-vsock-pci,chardev=vsock0"));
         assert!(args.contains("mount_tag=kataShared"));
         assert!(args.contains("console=ttyS0 panic=-1 quiet"));
+        assert!(
+            !args.contains("-netdev"),
+            "no NIC without a pod network: {args}"
+        );
         let args = qemu_args(
             &cfg,
             Accel::Kvm,
@@ -134,5 +150,21 @@ mod tests {
             .join(" ")
             .contains("vhost-vsock-pci,id=vsock0,guest-cid=7"));
         assert!(args.join(" ").contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn each_nic_is_a_tap_descriptor_with_the_pods_mac() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        for mac in ["0a:58:0a:e7:00:05", "0a:58:0a:e7:00:06"] {
+            let tap = std::fs::File::open("/dev/null").unwrap();
+            cfg.nics.push(Nic {
+                tap: tap.into(),
+                mac: mac.to_string(),
+            });
+        }
+        let args = qemu_args(&cfg, Accel::Tcg, VsockDevice::VhostUser, &cfg.state_dir).join(" ");
+        assert!(args.contains("-netdev tap,id=net0,fd=3,vhost=off -device virtio-net-pci,netdev=net0,mac=0a:58:0a:e7:00:05"), "{args}");
+        assert!(args.contains("-netdev tap,id=net1,fd=4,vhost=off -device virtio-net-pci,netdev=net1,mac=0a:58:0a:e7:00:06"), "{args}");
     }
 }

@@ -16,6 +16,7 @@ mod vm;
 mod vsock_cid;
 
 use std::io;
+use std::os::fd::OwnedFd;
 #[cfg(test)]
 use std::path::Path;
 use std::path::PathBuf;
@@ -74,8 +75,16 @@ impl std::fmt::Display for Accel {
     }
 }
 
+/// A NIC of the VM: a tap's descriptor (opened in the pod's network namespace, see
+/// `shim::network`) and the MAC the guest's virtio-net device gets.
+#[derive(Debug)]
+pub(crate) struct Nic {
+    pub(crate) tap: OwnedFd,
+    pub(crate) mac: String,
+}
+
 /// One sandbox VM.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct VmConfig {
     pub(crate) qemu_path: PathBuf,
     /// The guest kernel: an uncompressed `vmlinux` (boots faster under TCG) or a bzImage.
@@ -98,6 +107,8 @@ pub struct VmConfig {
     pub boot_timeout: Duration,
     /// Appended to [`BASE_KERNEL_PARAMS`].
     pub(crate) kernel_params: String,
+    /// The pod's NICs; none gives a VM without a network device.
+    pub(crate) nics: Vec<Nic>,
 }
 
 impl VmConfig {
@@ -122,6 +133,7 @@ impl VmConfig {
             state_dir,
             boot_timeout: Duration::from_secs(60),
             kernel_params: DEFAULT_KERNEL_PARAMS.to_string(),
+            nics: Vec::new(),
         }
     }
 }

@@ -221,7 +221,7 @@ impl Vm {
             .arg(&vhu)
             .arg("--uds-path")
             .arg(&uds);
-        let child = spawn_detached(cmd, log, "the vsock daemon", &cfg.vsock_daemon)?;
+        let child = spawn_detached(cmd, log, "the vsock daemon", &cfg.vsock_daemon, &[])?;
         let pid = child_pid(&child);
         self.daemon_pid = Some(pid);
         self.daemon = Some(child);
@@ -263,7 +263,8 @@ impl Vm {
         let mut cmd = Command::new(&cfg.qemu_path);
         cmd.args(&args);
         tracing::debug!(qemu = %cfg.qemu_path.display(), args = ?args, "starting QEMU");
-        let child = spawn_detached(cmd, log, "QEMU", &cfg.qemu_path)?;
+        let taps: Vec<_> = cfg.nics.iter().map(|nic| &nic.tap).collect();
+        let child = spawn_detached(cmd, log, "QEMU", &cfg.qemu_path, &taps)?;
         self.qemu_pid = child_pid(&child);
         self.qemu = Some(child);
         Ok(())

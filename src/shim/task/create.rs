@@ -46,7 +46,7 @@ impl TaskService {
                 });
             }
             let sandbox =
-                Sandbox::start(config, &req.id, &self.namespace, oci::pod_identity(&spec))
+                Sandbox::start(config, &req.id, &self.namespace, oci::sandbox_spec(&spec))
                     .await
                     .map_err(Box::new)?;
             *sandbox_slot = Some(sandbox);
