@@ -54,6 +54,23 @@ pub fn pod_identity_from_annotations(annotations: &HashMap<String, String>) -> O
 }
 
 impl PodIdentity {
+    /// A pod identity from its three parts (e.g. CRI's pod metadata); an unusable value is left
+    /// out, as in annotations.
+    pub(crate) fn from_parts(uid: &str, name: &str, namespace: &str) -> PodIdentity {
+        let keep = |value: &str| {
+            if acceptable(value) {
+                value.to_string()
+            } else {
+                String::new()
+            }
+        };
+        PodIdentity {
+            uid: keep(uid),
+            name: keep(name),
+            namespace: keep(namespace),
+        }
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.uid.is_empty() && self.name.is_empty() && self.namespace.is_empty()
     }

@@ -10,6 +10,7 @@
 
 pub(crate) mod aggregate;
 pub mod config;
+pub(crate) mod cri;
 pub(crate) mod discovery;
 pub(crate) mod http;
 pub(crate) mod metrics;
@@ -35,6 +36,8 @@ use self::scrape::Scraper;
 pub enum MonitorError {
     #[error("setting up the monitor's own metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Cri(#[from] cri::CriError),
     #[error("listening on {address}: {source}")]
     Listen {
         address: std::net::SocketAddr,
@@ -55,7 +58,14 @@ pub(crate) struct Monitor {
 impl Monitor {
     pub(crate) fn new(config: Config) -> Result<Monitor, MonitorError> {
         Ok(Monitor {
-            scraper: Scraper::new(config.scrape_timeout, config.concurrency),
+            scraper: Scraper::new(
+                config.scrape_timeout,
+                config.concurrency,
+                match &config.runtime_endpoint {
+                    Some(endpoint) => Some(Arc::new(cri::CriPods::new(endpoint)?)),
+                    None => None,
+                },
+            ),
             sandboxes: Arc::new(Sandboxes::default()),
             metrics: Arc::new(MonitorMetrics::new()?),
             config,
@@ -138,7 +148,7 @@ pub async fn run(config: Config) -> Result<(), MonitorError> {
     if let Some(endpoint) = &config.runtime_endpoint {
         tracing::info!(
             endpoint = %endpoint,
-            "--runtime-endpoint accepted; pod labels come from the shims (/pod-labels), CRI is not queried"
+            "pod labels come from the shims (/pod-labels); CRI is asked for those of shims that do not serve them"
         );
     }
     let listener = tokio::net::TcpListener::bind(config.listen_address)

@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::aggregate::{shim_body, ShimBody};
+use super::cri::CriPods;
 use super::sandboxes::{PodLabels, Sandbox};
 use crate::metrics::exposition::{self, ExpositionError, Limits};
 use crate::mgmt::client::{self, ClientError, GetOptions};
@@ -80,10 +81,12 @@ pub(crate) struct Scraper {
     /// Parses at once: one per CPU, since more only hold more parsed bodies in memory.
     parse_permits: Arc<Semaphore>,
     pub(crate) limits: Limits,
+    cri: Option<Arc<CriPods>>,
 }
 
 impl Scraper {
-    pub(crate) fn new(timeout: Duration, concurrency: usize) -> Self {
+    /// `cri`: where to ask for the pod labels of shims that do not serve `/pod-labels`.
+    pub(crate) fn new(timeout: Duration, concurrency: usize, cri: Option<Arc<CriPods>>) -> Self {
         let limits = Limits {
             max_bytes: MAX_SHIM_BODY,
             max_samples: 200_000,
@@ -96,6 +99,7 @@ impl Scraper {
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
             limits,
+            cri,
         }
     }
 
@@ -161,7 +165,7 @@ impl Scraper {
             gzip: false,
         };
         if sandbox.pod() == PodLabels::Unknown {
-            learn_pod_labels(sandbox, &options).await;
+            learn_pod_labels(sandbox, &options, self.cri.as_deref()).await;
         }
         let options = GetOptions {
             timeout: timeout.saturating_sub(started.elapsed()),
@@ -201,8 +205,9 @@ pub(crate) fn parse_body(body: &[u8], limits: &Limits) -> Result<ScrapedBody, Sc
     })
 }
 
-/// Asks the shim for its pod labels once; a shim without `/pod-labels` (404) has none.
-async fn learn_pod_labels(sandbox: &Sandbox, options: &GetOptions) {
+/// Asks the shim for its pod labels once. A shim without them (404: not a pod, or an upstream shim
+/// without `/pod-labels`) has none, unless CRI knows the sandbox.
+async fn learn_pod_labels(sandbox: &Sandbox, options: &GetOptions, cri: Option<&CriPods>) {
     let options = GetOptions {
         max_body: 4096,
         ..options.clone()
@@ -213,9 +218,16 @@ async fn learn_pod_labels(sandbox: &Sandbox, options: &GetOptions) {
             let pod = PodIdentity::from_text(&text);
             sandbox.set_pod(PodLabels::Known((!pod.is_empty()).then_some(pod)));
         }
-        Ok(response) if response.status == StatusCode::NOT_FOUND => {
-            sandbox.set_pod(PodLabels::Known(None));
-        }
+        Ok(response) if response.status == StatusCode::NOT_FOUND => match cri {
+            None => sandbox.set_pod(PodLabels::Known(None)),
+            Some(cri) => match cri.pod_of(&sandbox.id, options.timeout).await {
+                Ok(pod) => sandbox.set_pod(PodLabels::Known(pod)),
+                // Asked again on the next scrape.
+                Err(err) => {
+                    tracing::debug!(sandbox = %sandbox.id, error = %err, "pod labels not read from CRI")
+                }
+            },
+        },
         Ok(response) => {
             tracing::debug!(sandbox = %sandbox.id, status = %response.status, "pod labels not served");
         }
@@ -228,7 +240,7 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Scraper::new(Duration::from_secs(1), 1).limits
+        Scraper::new(Duration::from_secs(1), 1, None).limits
     }
 
     #[test]
