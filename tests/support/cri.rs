@@ -174,6 +174,26 @@ impl Pod<'_> {
         self.cgroup.cpu_usage_ns()
     }
 
+    /// Runs a short CPU-bound shell in the pod's cgroups, as a process of the pod would, so that
+    /// their CPU counters are not zero.
+    pub fn spend_cpu_in_cgroup(&self) {
+        let join: String = self
+            .cgroup
+            .dirs
+            .iter()
+            .map(|dir| format!("echo $$ > {}/cgroup.procs; ", dir.display()))
+            .collect();
+        let script = format!("{join}i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done");
+        let status = std::process::Command::new("sh")
+            .args(["-ec", &script])
+            .status()
+            .expect("run sh");
+        assert!(
+            status.success(),
+            "the CPU-bound shell in the pod cgroup: {status}"
+        );
+    }
+
     /// CreateContainer of a busybox container named `name` running `command`; returns its id.
     pub fn create_container(&self, name: &str, command: &[&str]) -> String {
         let request = CreateContainerRequest {
