@@ -9,7 +9,8 @@
 #
 # usage: scripts/containerd-env.sh start <dir>     start containerd (writes <dir>/config.toml)
 #        scripts/containerd-env.sh start-cri <dir> the same with CRI, in network namespace
-#                                                  ksm-<basename of dir>; imports the pause image
+#                                                  named after <dir> (ksm-XXXX for /tmp/ksm-XXXX);
+#                                                  imports the pause image
 #        scripts/containerd-env.sh stop <dir>      stop it, unmount, remove <dir> (and the netns)
 #        scripts/containerd-env.sh ctr <dir> ARGS  run ctr against it (namespace $KSM_NAMESPACE,
 #                                                  default: k8s.io for start-cri, else default)
@@ -126,7 +127,11 @@ JSON
 }
 
 # The network namespace containerd runs in (CRI mode), by name.
-netns_name() { echo "ksm-$(basename "$dir")"; }
+netns_name() {
+    local base
+    base=$(basename "$dir")
+    echo "ksm-${base#ksm-}"
+}
 
 start_containerd() {
     local mode=$1
@@ -215,9 +220,11 @@ stop)
     if [[ -f $dir/netns ]]; then
         netns=$(cat "$dir/netns")
         ip netns del "$netns" 2>/dev/null || true
-        # libcni's cached results are named <network>-<container id>-<interface>; CNI DEL removes
-        # them, a containerd stopped with pods still up does not.
-        rm -f "$cni_cache/results/$netns"-*
+        # libcni's cached results (ours and the loopback network's) hold the pod's netns path,
+        # which is under <dir>. CNI DEL removes them; a containerd stopped under running pods not.
+        { grep -lsF -- "$dir/" "$cni_cache"/results/* || true; } | while read -r cached; do
+            rm -f "$cached"
+        done
         if [[ -f $dir/made-cni-cache ]]; then
             rmdir "$cni_cache/results" "$cni_cache" 2>/dev/null || true
         fi
