@@ -3,7 +3,7 @@
 //! RunPodSandbox with the cgroupfs driver, and on drop what kubelet would do to a pod it gives up
 //! on (stop, remove, pod cgroups gone), so a failing test leaves nothing behind either.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -137,7 +137,7 @@ impl Kubelet {
             config,
             log_dir,
             containers: RefCell::new(Vec::new()),
-            removed: RefCell::new(false),
+            removed: Cell::new(false),
             cgroup,
         }
     }
@@ -158,7 +158,7 @@ pub struct Pod<'k> {
     /// Where CRI writes the containers' logs (`<name>.log`).
     pub log_dir: tempfile::TempDir,
     containers: RefCell<Vec<String>>,
-    removed: RefCell<bool>,
+    removed: Cell<bool>,
     // Last: dropped after the pod is gone, as kubelet removes the cgroup after the pod.
     cgroup: PodCgroup,
 }
@@ -351,13 +351,13 @@ impl Pod<'_> {
             c.remove_pod_sandbox(request).await
         });
         self.containers.borrow_mut().clear();
-        *self.removed.borrow_mut() = true;
+        self.removed.set(true);
     }
 }
 
 impl Drop for Pod<'_> {
     fn drop(&mut self) {
-        if *self.removed.borrow() {
+        if self.removed.get() {
             return;
         }
         // A test that failed half-way: kubelet's order, errors ignored (something may be gone).
