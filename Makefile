@@ -6,12 +6,14 @@ CARGO ?= cargo
 TRIPLE := x86_64-unknown-linux-gnu
 BUILD_DIR := build
 GUEST_DIR := $(BUILD_DIR)/guest
-STATIC_AGENT := target/$(TRIPLE)/release/kata-agent
+# Cargo's target directory (CARGO_TARGET_DIR when set, as the helpers' worktrees do).
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+STATIC_AGENT := $(TARGET_DIR)/$(TRIPLE)/release/kata-agent
 PREFIX ?= /usr/local
 SHARE_DIR ?= $(PREFIX)/share/kata-shim-metrics
 CONF_FILE ?= /etc/kata-containers/configuration.toml
 
-.PHONY: all deps build agent-static guest-image busybox-image test lint bench install demo clean
+.PHONY: all deps build agent-static guest-image busybox-image pause-image test lint bench install demo clean
 
 all: build guest-image
 
@@ -36,8 +38,8 @@ guest-image: agent-static
 ## configuration to $(CONF_FILE) (only if there is none yet).
 install: build guest-image
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SHARE_DIR)
-	install -m 0755 target/release/containerd-shim-kata-v2 target/release/kata-runtime \
-		target/release/kata-monitor $(DESTDIR)$(PREFIX)/bin/
+	install -m 0755 $(TARGET_DIR)/release/containerd-shim-kata-v2 $(TARGET_DIR)/release/kata-runtime \
+		$(TARGET_DIR)/release/kata-monitor $(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 $(GUEST_DIR)/vmlinux $(GUEST_DIR)/initrd.img $(DESTDIR)$(SHARE_DIR)/
 	install -m 0644 config/configuration.toml $(DESTDIR)$(SHARE_DIR)/configuration.toml.example
 	@# containerd (a systemd service) does not see ~/.cargo/bin, where `make deps` puts the daemon.
@@ -55,9 +57,13 @@ install: build guest-image
 busybox-image:
 	scripts/build-busybox-image.sh $(BUILD_DIR)/busybox.tar
 
+## pause-image: the offline pod sandbox image that the CRI set-up (containerd-env.sh start-cri) uses.
+pause-image:
+	scripts/build-pause-image.sh $(BUILD_DIR)/pause.tar
+
 ## demo: a private containerd runs a busybox sandbox with our runtime and prints its metrics.
 demo: deps build guest-image busybox-image
-	KSM_BIN_DIR=$(abspath target/release) KSM_GUEST_DIR=$(abspath $(GUEST_DIR)) scripts/demo.sh
+	KSM_BIN_DIR=$(abspath $(TARGET_DIR)/release) KSM_GUEST_DIR=$(abspath $(GUEST_DIR)) scripts/demo.sh
 
 ## lint: formatting and clippy, warnings as errors.
 lint:
@@ -66,7 +72,7 @@ lint:
 
 ## test: everything CI runs, including the tests that boot the guest image (ignored by a plain
 ## `cargo test`, which lists how many it left out).
-test: deps guest-image busybox-image lint
+test: deps guest-image busybox-image pause-image lint
 	KSM_GUEST_DIR=$(abspath $(GUEST_DIR)) $(CARGO) test -- --include-ignored
 
 ## bench: the benchmarks; results are written down in BENCHMARKS.md.

@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # A private containerd for the demo and the tests: its own config, root, state and socket under
-# <dir>, the CRI plugin off (it starts in a fraction of a second without it), and our binaries first
-# on its PATH so it finds containerd-shim-kata-v2 for runtime io.containerd.kata.v2.
+# <dir>, and our binaries first on its PATH so it finds containerd-shim-kata-v2 for runtime
+# io.containerd.kata.v2. `start` leaves the CRI plugin off (it starts in a fraction of a second
+# without it). `start-cri` is what kubelet talks to: the CRI plugin on, runtime handler `kata`,
+# the offline pause image as sandbox image, CNI (bridge + host-local + loopback from
+# /usr/lib/cni) with its config and IP allocations under <dir>, and containerd in a network
+# namespace of its own, so the bridge, the pod IPs and every packet to a pod stay in there.
 #
 # usage: scripts/containerd-env.sh start <dir>     start containerd (writes <dir>/config.toml)
-#        scripts/containerd-env.sh stop <dir>      stop it, unmount and remove <dir>
-#        scripts/containerd-env.sh ctr <dir> ARGS  run ctr against it (namespace $KSM_NAMESPACE)
+#        scripts/containerd-env.sh start-cri <dir> the same with CRI, in network namespace
+#                                                  named after <dir> (ksm-XXXX for /tmp/ksm-XXXX);
+#                                                  imports the pause image
+#        scripts/containerd-env.sh stop <dir>      stop it, unmount, remove <dir> (and the netns)
+#        scripts/containerd-env.sh ctr <dir> ARGS  run ctr against it (namespace $KSM_NAMESPACE,
+#                                                  default: k8s.io for start-cri, else default)
 #        scripts/containerd-env.sh env <dir>       print the environment the shims get
 #
 # Keep <dir> short (e.g. mktemp -d /tmp/ksm-XXXX): unix socket paths must fit in 108 bytes.
@@ -16,14 +24,18 @@
 set -euo pipefail
 
 die() { echo "containerd-env: $*" >&2; exit 1; }
-[[ $# -ge 2 ]] || die "usage: $0 start|stop|ctr|env <dir> [ctr args...]"
+[[ $# -ge 2 ]] || die "usage: $0 start|start-cri|stop|ctr|env <dir> [ctr args...]"
 cmd=$1
 dir=$(realpath -m "$2")
 shift 2
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin_dir=$(realpath -m "${KSM_BIN_DIR:-$repo/target/release}")
 socket=$dir/c.sock
-namespace=${KSM_NAMESPACE:-default}
+# CRI keeps its pods in containerd namespace k8s.io; its images must be imported there.
+if [[ -f $dir/netns ]]; then namespace=${KSM_NAMESPACE:-k8s.io}; else namespace=${KSM_NAMESPACE:-default}; fi
+pause_image=localhost/kata-shim-metrics/pause:latest
+cni_bin_dir=/usr/lib/cni
+cni_cache=/var/lib/cni
 
 (( ${#socket} + 7 <= 108 )) || die "$dir is too long for a unix socket path; use e.g. /tmp/ksm-XXXX"
 
@@ -35,12 +47,13 @@ shim_env() {
 }
 
 write_configs() {
+    local mode=$1
     mkdir -p "$dir/root" "$dir/state" "$dir/run"
     cat >"$dir/config.toml" <<TOML
 version = 2
 root = "$dir/root"
 state = "$dir/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+$([[ $mode == cri ]] || echo 'disabled_plugins = ["io.containerd.grpc.v1.cri"]')
 
 [grpc]
   address = "$socket"
@@ -48,6 +61,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [debug]
   level = "${KSM_CONTAINERD_LOG_LEVEL:-info}"
 TOML
+    [[ $mode != cri ]] || write_cri_configs
     if [[ -z ${KATA_CONF_FILE:-} && -n ${KSM_GUEST_DIR:-} ]]; then
         local guest
         guest=$(realpath "$KSM_GUEST_DIR")
@@ -68,27 +82,115 @@ TOML
 
 running() { [[ -f $dir/containerd.pid ]] && kill -0 "$(cat "$dir/containerd.pid")" 2>/dev/null; }
 
-case $cmd in
-start)
+# The CRI plugin's part of config.toml, and the CNI network its pods get.
+write_cri_configs() {
+    mkdir -p "$dir/cni/net.d" "$dir/cni/ipam"
+    cat >>"$dir/config.toml" <<TOML
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$pause_image"
+  # Pod network namespaces are pinned under <dir>/state, not /var/run/netns.
+  netns_mounts_under_state_dir = true
+  # Only pods of runtime handler kata run here (kubelet's RuntimeClass); runc stays the default.
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata]
+      runtime_type = "io.containerd.kata.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$cni_bin_dir"
+    conf_dir = "$dir/cni/net.d"
+    max_conf_num = 1
+TOML
+    # No masquerading (it would need iptables) and nowhere to go: the namespace has no uplink.
+    cat >"$dir/cni/net.d/10-ksm-pods.conflist" <<JSON
+{
+  "cniVersion": "1.0.0",
+  "name": "$(netns_name)",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "cni0",
+      "isGateway": true,
+      "ipMasq": false,
+      "ipam": {
+        "type": "host-local",
+        "dataDir": "$dir/cni/ipam",
+        "ranges": [[{"subnet": "${KSM_POD_SUBNET:-10.88.0.0/24}"}]],
+        "routes": [{"dst": "0.0.0.0/0"}]
+      }
+    }
+  ]
+}
+JSON
+}
+
+# The network namespace containerd runs in (CRI mode), by name.
+netns_name() {
+    local base
+    base=$(basename "$dir")
+    echo "ksm-${base#ksm-}"
+}
+
+start_containerd() {
+    local mode=$1
     command -v containerd >/dev/null || die "containerd is not installed (run: make deps)"
     [[ -x $bin_dir/containerd-shim-kata-v2 ]] \
         || die "$bin_dir/containerd-shim-kata-v2 is missing (run: make build, or set KSM_BIN_DIR)"
     running && die "a containerd already runs for $dir (pid $(cat "$dir/containerd.pid"))"
-    write_configs
+    write_configs "$mode"
+    local enter=()
+    if [[ $mode == cri ]]; then
+        for plugin in bridge host-local loopback; do
+            [[ -x $cni_bin_dir/$plugin ]] \
+                || die "CNI plugin $cni_bin_dir/$plugin is missing (run: make deps)"
+        done
+        local netns
+        netns=$(netns_name)
+        ip netns add "$netns" || die "cannot create network namespace $netns"
+        echo "$netns" >"$dir/netns"
+        # containerd 1.6 has no setting for libcni's cache (/var/lib/cni/results): note whether
+        # this start makes that directory, so that `stop` can take it away again.
+        [[ -e $cni_cache ]] || : >"$dir/made-cni-cache"
+        ip -n "$netns" link set lo up
+        # nsenter, not `ip netns exec`: that remounts /sys, which hides the cgroup mounts from
+        # containerd and the shims.
+        enter=(nsenter "--net=/run/netns/$netns")
+    fi
     # setsid: containerd (and the shims it starts) outlive this script, not the caller's signals.
     env $(shim_env) PATH="$bin_dir:$PATH" \
-        setsid containerd --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 </dev/null &
+        setsid "${enter[@]}" containerd --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 </dev/null &
     echo $! >"$dir/containerd.pid"
     for _ in $(seq 100); do
         if ctr --address "$socket" version >/dev/null 2>&1; then
             echo "containerd-env: containerd running at $socket (pid $(cat "$dir/containerd.pid"), log $dir/containerd.log)"
-            exit 0
+            return 0
         fi
         running || break
         sleep 0.1
     done
     tail -n 20 "$dir/containerd.log" >&2 || true
     die "containerd did not come up at $socket"
+}
+
+# The sandbox image CRI starts for every pod, built offline and imported where CRI looks.
+import_pause_image() {
+    local image=${KSM_PAUSE_IMAGE:-$repo/build/pause.tar}
+    if [[ -z ${KSM_PAUSE_IMAGE:-} ]]; then
+        "$repo/scripts/build-pause-image.sh" "$image" >/dev/null
+    fi
+    ctr --address "$socket" --namespace k8s.io images import "$image" >/dev/null \
+        || die "importing the pause image $image into namespace k8s.io failed"
+}
+
+case $cmd in
+start)
+    start_containerd plain
+    ;;
+start-cri)
+    start_containerd cri
+    import_pause_image
     ;;
 stop)
     # Our shims (and their VMs) outlive containerd: stop them first. A shim stops its sandbox on
@@ -114,6 +216,19 @@ stop)
     awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/self/mounts | sort -r | while read -r m; do
         umount -l "$m" 2>/dev/null || true
     done
+    # With containerd, the shims and the pod namespaces gone, the bridge and veths go with it.
+    if [[ -f $dir/netns ]]; then
+        netns=$(cat "$dir/netns")
+        ip netns del "$netns" 2>/dev/null || true
+        # libcni's cached results (ours and the loopback network's) hold the pod's netns path,
+        # which is under <dir>. CNI DEL removes them; a containerd stopped under running pods not.
+        { grep -lsF -- "$dir/" "$cni_cache"/results/* || true; } | while read -r cached; do
+            rm -f "$cached"
+        done
+        if [[ -f $dir/made-cni-cache ]]; then
+            rmdir "$cni_cache/results" "$cni_cache" 2>/dev/null || true
+        fi
+    fi
     [[ -n ${KSM_KEEP_DIR:-} ]] || rm -rf "$dir"
     ;;
 ctr)
@@ -122,8 +237,9 @@ ctr)
 env)
     shim_env
     echo "CONTAINERD_ADDRESS=$socket"
+    if [[ -f $dir/netns ]]; then echo "NETNS=$(cat "$dir/netns")"; fi
     ;;
 *)
-    die "unknown command $cmd; expected start, stop, ctr or env"
+    die "unknown command $cmd; expected start, start-cri, stop, ctr or env"
     ;;
 esac

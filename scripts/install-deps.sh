@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing kata-shim-metrics needs on Debian 12, skipping what is there:
-# the Debian packages (containerd, runc, QEMU, busybox, umoci, prometheus/promtool, image tools) and
-# the vhost-device-vsock daemon (from crates.io) used for hybrid vsock when /dev/vhost-vsock is absent.
+# the Debian packages (containerd, runc, QEMU, busybox, umoci, prometheus/promtool, image tools, CNI
+# plugins, protoc) and the vhost-device-vsock daemon (from crates.io) used for hybrid vsock when
+# /dev/vhost-vsock is absent.
 # Usage: scripts/install-deps.sh   (as root)
 set -euo pipefail
 
@@ -11,7 +12,9 @@ packages=(
   busybox-static umoci       # the offline busybox image
   prometheus                 # promtool, and a real Prometheus for scrape tests
   cpio xz-utils zstd kmod    # guest initramfs: archive, module decompression, modinfo
-  util-linux bsdutils iproute2 procps # setpriv, unshare, script, ip, ps in tests
+  util-linux bsdutils iproute2 procps # setpriv, unshare, nsenter, script, ip, ps in tests
+  containernetworking-plugins # CNI for the CRI tests: bridge, host-local, loopback in /usr/lib/cni
+  protobuf-compiler          # protoc: the k8s-cri crate (the tests' CRI client) compiles its protos
   python3 ca-certificates   # python3: the guest image script extracts vmlinux
 )
 

@@ -117,15 +117,8 @@ impl Shim for Service {
         if crate::mgmt::paths::validate_id(&self.id).is_ok()
             && crate::mgmt::paths::validate_id(&sandbox_id).is_ok()
         {
-            rootfs::unshare(
-                Some(&self.bundle),
-                &shared_dir_of(&run_dir, &sandbox_id),
-                &self.id,
-            );
-            if sandbox_id == self.id {
-                sandbox::clean_up_leftovers(&run_dir, &self.id);
-                remove_shim_socket(&socket_address(&self.address, &self.namespace, &self.id));
-            }
+            let sandbox_shim = socket_address(&self.address, &self.namespace, &sandbox_id);
+            clean_up_after_shim(&run_dir, &self.bundle, &self.id, &sandbox_id, &sandbox_shim);
         }
         Ok(DeleteResponse {
             pid: 0,
@@ -181,6 +174,34 @@ impl Service {
     }
 }
 
+/// `delete`'s clean-up of task `id` (of sandbox `sandbox_id`, whose shim serves at
+/// `sandbox_shim`); true if it cleaned up. containerd runs `delete` whenever its connection for a
+/// task closes: after a shim died, but also after every ordinary task delete, while the sandbox's
+/// shim may still be tearing the VM down after Shutdown. A shim that still serves owns the VM,
+/// the mounts and the directories and removes them itself, so only a dead shim's are touched here.
+fn clean_up_after_shim(
+    run_dir: &Path,
+    bundle: &Path,
+    id: &str,
+    sandbox_id: &str,
+    sandbox_shim: &str,
+) -> bool {
+    if accepts(sandbox_shim) {
+        tracing::debug!(
+            id,
+            sandbox = sandbox_id,
+            "delete: the sandbox's shim still serves and cleans up itself"
+        );
+        return false;
+    }
+    rootfs::unshare(Some(bundle), &shared_dir_of(run_dir, sandbox_id), id);
+    if sandbox_id == id {
+        sandbox::clean_up_leftovers(run_dir, id);
+        remove_shim_socket(sandbox_shim);
+    }
+    true
+}
+
 fn termination_signals() -> Option<(Signal, Signal)> {
     match (
         signal(SignalKind::terminate()),
@@ -228,4 +249,43 @@ fn init_fifo_logging(debug: bool) {
         .with_ansi(false)
         .with_writer(std::sync::Mutex::new(fifo))
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delete_leaves_a_sandbox_alone_while_its_shim_serves_and_cleans_up_after_a_dead_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("run");
+        let shared = shared_dir_of(&run_dir, "sb1");
+        std::fs::create_dir_all(shared.join("c1")).unwrap();
+        let bundle = dir.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let socket = dir.path().join("shim.sock");
+        let address = format!("unix://{}", socket.display());
+
+        let shim = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        for id in ["c1", "sb1"] {
+            assert!(!clean_up_after_shim(&run_dir, &bundle, id, "sb1", &address));
+        }
+        assert!(shared.join("c1").is_dir(), "a serving shim's files stay");
+
+        // The shim died: its socket file is left, but nothing accepts on it.
+        drop(shim);
+        assert!(clean_up_after_shim(
+            &run_dir, &bundle, "c1", "sb1", &address
+        ));
+        assert!(!shared.join("c1").exists(), "the container's place is gone");
+        assert!(shared.is_dir(), "a container's delete leaves the sandbox");
+        assert!(clean_up_after_shim(
+            &run_dir, &bundle, "sb1", "sb1", &address
+        ));
+        assert!(
+            !run_dir.join("sb1").exists(),
+            "the sandbox's directory is gone"
+        );
+        assert!(!socket.exists(), "the dead shim's socket is gone");
+    }
 }

@@ -1,6 +1,6 @@
-//! A private containerd for the tests that run real sandboxes (scripts/containerd-env.sh), and what
-//! those tests check around it: the processes, directories and sockets a sandbox may leave behind,
-//! task pids, and waiting for processes to go.
+//! A private containerd for the tests that run real sandboxes (scripts/containerd-env.sh), with or
+//! without its CRI plugin, and what those tests check around it: the processes, directories,
+//! mounts and sockets a sandbox may leave behind, task pids, and waiting for processes to go.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -28,6 +28,16 @@ impl Containerd {
 
     /// With `conf`, the shims read that file (`KATA_CONF_FILE`) instead of a generated one.
     pub fn start_with(guest: &Path, conf: Option<&Path>) -> Containerd {
+        Containerd::launch("start", guest, conf)
+    }
+
+    /// With the CRI plugin (`start-cri`): in a network namespace of its own, runtime handler
+    /// `kata`, the pause image and busybox in containerd namespace k8s.io.
+    pub fn start_cri(guest: &Path) -> Containerd {
+        Containerd::launch("start-cri", guest, None)
+    }
+
+    fn launch(command: &str, guest: &Path, conf: Option<&Path>) -> Containerd {
         let dir = tempfile::Builder::new()
             .prefix("ksm-")
             .tempdir_in("/tmp")
@@ -36,22 +46,25 @@ impl Containerd {
         let bin_dir = shim.parent().expect("the shim's directory");
         let mut start = Command::new(repo().join("scripts/containerd-env.sh"));
         start
-            .args(["start".as_ref(), dir.path().as_os_str()])
+            .args([command.as_ref(), dir.path().as_os_str()])
             .env("KSM_BIN_DIR", bin_dir)
             .env("KSM_GUEST_DIR", guest)
             .env("KSM_DEFAULT_MEMORY", GUEST_MEMORY_MIB.to_string())
             .env_remove("KATA_CONF_FILE")
-            .env_remove("KATA_SANDBOX_RUN_DIR");
+            .env_remove("KATA_SANDBOX_RUN_DIR")
+            .env_remove("KSM_NAMESPACE");
         if let Some(conf) = conf {
             start.env("KATA_CONF_FILE", conf);
         }
+        // Owned before it is started: a failed start still stops what it began (Drop).
+        let env = Containerd { dir };
         let out = start.output().expect("run scripts/containerd-env.sh");
         assert!(
             out.status.success(),
-            "containerd did not start: {}",
-            text(&out)
+            "containerd did not start: {}\ncontainerd log:\n{}",
+            text(&out),
+            env.log()
         );
-        let env = Containerd { dir };
         let image = repo().join("build/busybox.tar");
         let built = Command::new(repo().join("scripts/build-busybox-image.sh"))
             .arg(&image)
@@ -92,6 +105,21 @@ impl Containerd {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
+
+    pub fn pid(&self) -> i32 {
+        let file = self.dir.path().join("containerd.pid");
+        std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|pid| pid.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {}", file.display()))
+    }
+
+    /// The network namespace containerd runs in (`start-cri`), by name.
+    pub fn netns(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.path().join("netns"))
+            .ok()
+            .map(|name| name.trim().to_string())
+    }
 }
 
 impl Drop for Containerd {
@@ -112,7 +140,8 @@ pub fn text(out: &Output) -> String {
     )
 }
 
-/// What a sandbox may leave behind: processes, its run directory, sockets naming it.
+/// What a sandbox or container may leave behind: processes, its run directory, mounts and sockets
+/// naming it.
 pub fn leftovers(env: &Containerd, id: &str) -> Vec<String> {
     let mut left: Vec<String> = super::processes_mentioning(&format!("/{id}/"))
         .into_iter()
@@ -138,7 +167,22 @@ pub fn leftovers(env: &Containerd, id: &str) -> Vec<String> {
             left.push(format!("stale shim socket {}", entry.path().display()));
         }
     }
-    let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    // Mounts under containerd's directory: task rootfs, the VM's shared directory, CRI's shm and
+    // the pod's network namespace.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let under = format!("{}/", env.dir.path().display());
+    left.extend(
+        mountinfo
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .filter(|point| point.starts_with(&under) && point.contains(id))
+            .map(|point| format!("mount {point}")),
+    );
+    // Unix sockets are listed per network namespace: containerd's is where its shims live (the
+    // abstract management socket in particular).
+    let unix = std::fs::read_to_string(format!("/proc/{}/net/unix", env.pid()))
+        .or_else(|_| std::fs::read_to_string("/proc/net/unix"))
+        .unwrap_or_default();
     left.extend(
         unix.lines()
             .filter(|l| l.contains(&format!("/{id}/")))
