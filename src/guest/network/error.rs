@@ -19,12 +19,20 @@ pub(crate) enum NetworkError {
     #[error("cannot open a netlink socket: {0}")]
     Connect(#[source] std::io::Error),
     /// A netlink request the kernel refused or that failed on the way.
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", reason(source))]
     Netlink {
         what: String,
         #[source]
         source: rtnetlink::Error,
     },
+}
+
+/// The kernel's errno as text ("Network is unreachable (os error 101)"), else rtnetlink's words.
+fn reason(err: &rtnetlink::Error) -> String {
+    match err {
+        rtnetlink::Error::NetlinkError(message) => message.to_io().to_string(),
+        other => other.to_string(),
+    }
 }
 
 impl NetworkError {
