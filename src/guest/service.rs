@@ -10,14 +10,16 @@ use ttrpc::asynchronous::{Server, TtrpcContext};
 use super::container::cgroup::CgroupRoot;
 use super::container::{status, stdio, Containers};
 use super::metrics::AgentMetrics;
+use super::network::Network;
 use super::reaper::Reaper;
 use crate::agent::url::AgentUrl;
 use crate::protocols::empty::Empty;
-use crate::protocols::{agent, agent_ttrpc, health, health_ttrpc};
+use crate::protocols::{agent, agent_ttrpc, health, health_ttrpc, types};
 
 pub struct AgentService {
     metrics: AgentMetrics,
     containers: Arc<Containers>,
+    network: Network,
 }
 
 impl AgentService {
@@ -27,6 +29,7 @@ impl AgentService {
         Ok(AgentService {
             metrics: AgentMetrics::new()?,
             containers: Arc::new(Containers::new(reaper, cgroups)),
+            network: Network::default(),
         })
     }
 
@@ -195,6 +198,22 @@ impl agent_ttrpc::AgentService for AgentService {
         // Dropping the agent's end gives the process EOF (on a pty: only our writer goes away).
         process.stdio.stdin.lock().await.take();
         Ok(empty())
+    }
+
+    async fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::UpdateInterfaceRequest,
+    ) -> ttrpc::Result<types::Interface> {
+        self.network.update_interface(&req).await
+    }
+
+    async fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::UpdateRoutesRequest,
+    ) -> ttrpc::Result<agent::Routes> {
+        self.network.update_routes(&req).await
     }
 
     async fn tty_win_resize(

@@ -7,6 +7,7 @@ pub mod containerd;
 pub mod cri;
 pub mod fake_agent;
 pub mod hvsock_relay;
+pub mod netns;
 pub mod prom;
 
 use std::io::{BufRead, BufReader};
@@ -127,9 +128,22 @@ pub fn start_agent(dir: &Path) -> (Proc, String) {
 
 /// [`start_agent`] with extra environment variables.
 pub fn start_agent_with_env(dir: &Path, env: &[(&str, &str)]) -> (Proc, String) {
+    spawn_agent(Command::new(bin("kata-agent")), dir, env)
+}
+
+/// [`start_agent`] inside the network namespace at `netns` (`nsenter --net`, which execs the
+/// agent: the process is the agent's). Its socket is reachable from any namespace.
+pub fn start_agent_in_netns(dir: &Path, netns: &Path) -> (Proc, String) {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display()))
+        .arg(bin("kata-agent"));
+    spawn_agent(cmd, dir, &[])
+}
+
+fn spawn_agent(mut cmd: Command, dir: &Path, env: &[(&str, &str)]) -> (Proc, String) {
     let socket = dir.join("agent.sock");
     let url = format!("unix://{}", socket.display());
-    let child = Command::new(bin("kata-agent"))
+    let child = cmd
         .args(["--listen", &url, "--log-level", "warn"])
         .envs(env.iter().copied())
         .spawn()

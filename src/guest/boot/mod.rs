@@ -8,7 +8,7 @@
 //! - `mounts`: /proc, /sys, /dev and the rest of the base filesystems;
 //! - `console`: stdio on /dev/console;
 //! - `modules`: the kernel modules listed in the initramfs' load-order file;
-//! - `network`: lo and eth0 up, eth0's address and the default route (QEMU user networking);
+//! - `network`: lo up (the pod NIC is the shim's to configure, through `guest::network`);
 //! - `hostname`: the hostname from /etc/hostname.
 
 mod console;
