@@ -68,6 +68,19 @@ pub(crate) fn sandbox_of(spec: &Spec) -> Option<String> {
         .cloned()
 }
 
+/// The container's `linux.cgroupsPath` (for a sandbox: where its VM runs on the host), if set.
+// For Create to hand to `Sandbox::start_in_cgroup`; that call is in src/shim/task/create.rs,
+// whose owner wires it.
+#[allow(dead_code)]
+pub(crate) fn cgroups_path(spec: &Spec) -> Option<String> {
+    spec.linux()
+        .as_ref()?
+        .cgroups_path()
+        .as_ref()
+        .map(|path| path.display().to_string())
+        .filter(|path| !path.is_empty())
+}
+
 /// The container's root inside the guest.
 pub(crate) fn guest_rootfs(container_id: &str) -> String {
     format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
@@ -271,5 +284,19 @@ mod tests {
         let mut plain = spec();
         plain.set_annotations(None);
         assert_eq!(sandbox_of(&plain), None);
+    }
+
+    #[test]
+    fn the_cgroups_path_is_read_as_containerd_writes_it() {
+        let json = CONFIG.replace(
+            r#""linux": {"#,
+            r#""linux": {"cgroupsPath": "/kubepods/besteffort/pod42/sb1", "#,
+        );
+        let with_path: Spec = serde_json::from_str(&json).expect("spec");
+        assert_eq!(
+            cgroups_path(&with_path).as_deref(),
+            Some("/kubepods/besteffort/pod42/sb1")
+        );
+        assert_eq!(cgroups_path(&spec()), None);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::config::{self, Config};
-use super::hypervisor::{self, Vm, VmConfig, VmError};
+use super::hypervisor::{self, CgroupError, CgroupPath, Vm, VmConfig, VmError};
 use super::metrics::launch::{self, SandboxMetrics};
 use super::metrics::registry;
 use super::oci::{GUEST_SHARED_DIR, SHARED_TAG};
@@ -32,6 +32,8 @@ pub(crate) enum SandboxError {
     },
     #[error("sandbox {id}: starting the VM: {source}")]
     Vm { id: String, source: VmError },
+    #[error("sandbox {id}: {source}")]
+    Cgroup { id: String, source: CgroupError },
     #[error("sandbox {id}: the agent refused CreateSandbox: {source}")]
     CreateSandbox { id: String, source: AgentError },
 }
@@ -74,6 +76,34 @@ impl Sandbox {
         namespace: &str,
         pod: Option<PodIdentity>,
     ) -> Result<Sandbox, SandboxError> {
+        Sandbox::start_in_cgroup(config, id, namespace, pod, None).await
+    }
+
+    /// [`Sandbox::start`] with QEMU and the vsock daemon in the cgroup `cgroups_path`: the
+    /// sandbox container's `linux.cgroupsPath` ([`super::oci::cgroups_path`]), under kubelet's
+    /// pod cgroup, so the VM's host cost is the pod's (Kata's `sandbox_cgroup_only`). A systemd
+    /// driver's path (slice:prefix:name) is logged and left out; a path that leaves the
+    /// hierarchy fails the start.
+    pub(crate) async fn start_in_cgroup(
+        config: &Config,
+        id: &str,
+        namespace: &str,
+        pod: Option<PodIdentity>,
+        cgroups_path: Option<&str>,
+    ) -> Result<Sandbox, SandboxError> {
+        let cgroup = match cgroups_path.map(CgroupPath::parse).transpose() {
+            Ok(path) => path,
+            Err(err @ CgroupError::SystemdPath { .. }) => {
+                tracing::warn!(sandbox = id, "{err}: the VM runs in the shim's cgroups");
+                None
+            }
+            Err(source) => {
+                return Err(SandboxError::Cgroup {
+                    id: id.to_string(),
+                    source,
+                })
+            }
+        };
         let dirs = SandboxDirs::new(&config.run_dir(), id);
         // The VM creates its own state directory (and refuses one that exists: leftovers).
         create_private_dir(&dirs.shared).map_err(|source| SandboxError::Dir {
@@ -82,7 +112,7 @@ impl Sandbox {
             source,
         })?;
         let started = Instant::now();
-        let mut vm = match Vm::start(&vm_config(config, &dirs)).await {
+        let mut vm = match Vm::start(&vm_config(config, &dirs, cgroup)).await {
             Ok(vm) => vm,
             Err(source) => {
                 remove_dirs(&dirs, id);
@@ -238,7 +268,7 @@ async fn create_guest_sandbox(agent: &AgentClient, id: &str) -> Result<(), Agent
     agent.create_sandbox(req).await.map(drop)
 }
 
-fn vm_config(config: &Config, dirs: &SandboxDirs) -> VmConfig {
+fn vm_config(config: &Config, dirs: &SandboxDirs, cgroup: Option<CgroupPath>) -> VmConfig {
     let qemu = &config.hypervisor.qemu;
     VmConfig {
         qemu_path: qemu.path.clone(),
@@ -261,6 +291,7 @@ fn vm_config(config: &Config, dirs: &SandboxDirs) -> VmConfig {
         } else {
             qemu.kernel_params.clone()
         },
+        cgroup,
     }
 }
 
@@ -270,4 +301,46 @@ fn create_private_dir(path: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration whose run directory is `dir` and whose guest kernel does not exist, so
+    /// that a start gets no further than the VM's configuration check.
+    fn config(dir: &Path) -> Config {
+        let mut config = Config::default();
+        config.runtime.sandbox_run_dir = Some(dir.to_path_buf());
+        config.hypervisor.qemu.kernel = dir.join("no-kernel");
+        config
+    }
+
+    #[tokio::test]
+    async fn a_cgroups_path_leaving_the_hierarchy_fails_the_start_before_anything_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let result =
+            Sandbox::start_in_cgroup(&config(dir.path()), "sb", "ns", None, Some("/a/../../b"))
+                .await;
+        let Err(err @ SandboxError::Cgroup { .. }) = result else {
+            panic!("expected a cgroup error");
+        };
+        assert!(err.to_string().contains("/a/../../b"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_systemd_drivers_path_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Some("system.slice:cri-containerd:sb");
+        let result = Sandbox::start_in_cgroup(&config(dir.path()), "sb", "ns", None, path).await;
+        // Past the cgroup, up to the VM's check of its kernel.
+        let Err(SandboxError::Vm {
+            source: VmError::MissingFile { .. },
+            ..
+        }) = result
+        else {
+            panic!("expected the missing kernel");
+        };
+    }
 }
