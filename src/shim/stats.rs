@@ -3,6 +3,11 @@
 //! containerd (`ctr task metrics`, the CRI plugin) resolves the Any by its type URL through
 //! typeurl, which knows gogo-registered messages by their bare full name, so the URL is
 //! `io.containerd.cgroups.v2.Metrics` (no `type.googleapis.com/` prefix), as runc's shim sends it.
+//!
+//! The CRI plugin computes `ContainerStats` (what `kubectl top` shows) from it: working set =
+//! `usage - inactive_file`, rss = `anon`, page faults = `pgfault`/`pgmajfault`, CPU from
+//! `usage_usec`; so every `MemoryStat` field comes from the guest cgroup's memory.stat, which the
+//! agent sends key by key.
 
 use containerd_shim::protos::cgroups_v2::metrics::{
     CPUStat, MemoryEvents, MemoryStat, Metrics, NetworkStat, PidsStat,
