@@ -26,7 +26,7 @@ use std::time::Duration;
 use crate::agent_client::RpcDurations;
 
 pub use leftovers::kill_leftovers;
-pub use sandbox_cgroup::CgroupError;
+pub(crate) use sandbox_cgroup::CgroupError;
 pub(crate) use sandbox_cgroup::CgroupPath;
 pub use vm::Vm;
 

@@ -18,6 +18,7 @@ use std::time::Duration;
 const REMOVE_RETRIES: u32 = 25;
 const REMOVE_RETRY_EVERY: Duration = Duration::from_millis(20);
 
+/// `pub` because [`super::VmError`] carries it.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error("cgroups path {path:?} has the systemd driver's form (slice:prefix:name), which is not supported")]
@@ -217,9 +218,11 @@ fn create_in(
         dir.push(name);
         match std::fs::create_dir(&dir) {
             Ok(()) => created.push(dir.clone()),
-            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
             Err(err) => return Err(CgroupError::io("creating cgroup", &dir)(err)),
         }
+        // Every level, as containerd's cgroups library does: an empty one anywhere up the path
+        // would leave the sandbox's empty too.
         if hierarchy.cpuset {
             for file in ["cpuset.cpus", "cpuset.mems"] {
                 inherit_if_empty(&parent, &dir, file)?;
