@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -696,7 +697,7 @@ impl TestCgroupRoot {
             let fields: Vec<&str> = line.split_whitespace().collect();
             (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
         })?;
-        let dir = mount.join(format!("ksm-test-stats-{}", std::process::id()));
+        let dir = mount.join(support::unique_id("ksm-test-stats"));
         std::fs::create_dir(&dir).ok()?;
         Some(TestCgroupRoot(dir))
     }
@@ -730,6 +731,71 @@ fn cgroup_lines(dir: &Path, file: &str) -> Vec<String> {
         .lines()
         .map(str::to_string)
         .collect()
+}
+
+/// A flat-keyed cgroup file ("key value" lines) read by the test; `None` when the cgroup has no
+/// such file (its controller is not enabled in this hierarchy).
+fn flat_keyed(dir: &Path, file: &str) -> Option<BTreeMap<String, u64>> {
+    let text = std::fs::read_to_string(dir.join(file)).ok()?;
+    Some(
+        text.lines()
+            .map(|line| {
+                let (key, value) = line
+                    .split_once(' ')
+                    .unwrap_or_else(|| panic!("{file}: {line:?}"));
+                (key.to_string(), value.parse().expect("a number"))
+            })
+            .collect(),
+    )
+}
+
+/// What the agent's memory.stat map should hold for the cgroup in `dir`: every memory.stat key,
+/// and memory.events' counts as `memory.events.<key>` (the keys containerd's MemoryEvents has).
+fn expected_memory_map(dir: &Path) -> BTreeMap<String, u64> {
+    let mut map = flat_keyed(dir, "memory.stat").unwrap_or_default();
+    for (key, count) in flat_keyed(dir, "memory.events").unwrap_or_default() {
+        if ["low", "high", "max", "oom", "oom_kill", "oom_group_kill"].contains(&key.as_str()) {
+            map.insert(format!("memory.events.{key}"), count);
+        }
+    }
+    map
+}
+
+/// cpu.stat's throttling figures as the agent sends them (time in ns); `None` without the cpu
+/// controller, whose keys they are.
+fn expected_throttling(dir: &Path) -> Option<(u64, u64, u64)> {
+    let stat = flat_keyed(dir, "cpu.stat").expect("cpu.stat");
+    Some((
+        *stat.get("nr_periods")?,
+        stat["nr_throttled"],
+        stat["throttled_usec"] * 1000,
+    ))
+}
+
+/// StatsContainer of `id` and the test's own reading of its cgroup `dir` taken around it, once
+/// the files read the same before and after the call (so the agent saw what the test saw).
+async fn stats_with_stable_files(
+    sb: &Sandbox,
+    id: &str,
+    dir: &Path,
+) -> (
+    agent::StatsContainerResponse,
+    BTreeMap<String, u64>,
+    Option<(u64, u64, u64)>,
+) {
+    for _ in 0..50 {
+        let map = expected_memory_map(dir);
+        let throttling = expected_throttling(dir);
+        let reply = sb
+            .client
+            .stats_container(agent::StatsContainerRequest::of(id))
+            .await
+            .expect("stats");
+        if map == expected_memory_map(dir) && throttling == expected_throttling(dir) {
+            return (reply, map, throttling);
+        }
+    }
+    panic!("the cgroup files of {id} kept changing around StatsContainer");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -805,6 +871,36 @@ async fn stats_report_the_containers_cpu_memory_and_pids() {
             let current: u64 = current.trim().parse().expect("memory.current");
             assert!(memory.usage > 0 && current > 0, "{memory:?} vs {current}");
         }
+
+        // memory.stat's every key and the throttling counts, as the cgroup's files say. Without
+        // a memory or cpu controller in this hierarchy (a hybrid host) the files are missing and
+        // so must the figures be.
+        let (reply, map, throttling) = stats_with_stable_files(&sb, "busy", dir).await;
+        let stats = reply.cgroup_stats.as_ref().expect("cgroup stats");
+        let sent: BTreeMap<String, u64> = stats
+            .memory_stats
+            .stats
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        assert_eq!(sent, map);
+        let sent_throttling = stats
+            .cpu_stats
+            .throttling_data
+            .as_ref()
+            .map(|t| (t.periods, t.throttled_periods, t.throttled_time));
+        assert_eq!(sent_throttling, throttling);
+        eprintln!(
+            "compared {} memory.stat/memory.events keys and throttling {throttling:?} with {}",
+            map.len(),
+            dir.display()
+        );
+        if !map.is_empty() {
+            for key in ["anon", "file", "inactive_file", "pgfault"] {
+                assert!(sent.contains_key(key), "no {key} in {sent:?}");
+            }
+            assert_eq!(stats.memory_stats.cache, map["file"]);
+        }
     }
 
     within(
@@ -823,4 +919,169 @@ async fn stats_report_the_containers_cpu_memory_and_pids() {
         .await
         .expect_err("removed container");
     assert_eq!(code(&err), ttrpc::Code::NOT_FOUND);
+}
+
+/// The memory figures of a container: the memory.stat keys the test looks at, or, in a hierarchy
+/// without the memory controller, the resident memory of its processes (what the agent then
+/// sends as usage).
+#[derive(Debug, Clone, Copy)]
+struct MemoryFigures {
+    usage: u64,
+    anon: u64,
+    file: u64,
+    inactive_file: u64,
+    active_file: u64,
+}
+
+async fn memory_figures(sb: &Sandbox, id: &str) -> MemoryFigures {
+    let reply = sb
+        .client
+        .stats_container(agent::StatsContainerRequest::of(id))
+        .await
+        .expect("stats");
+    let memory = &reply.cgroup_stats.memory_stats;
+    let key = |k: &str| memory.stats.get(k).copied().unwrap_or(0);
+    MemoryFigures {
+        usage: memory.usage.usage,
+        anon: key("anon"),
+        file: key("file"),
+        inactive_file: key("inactive_file"),
+        active_file: key("active_file"),
+    }
+}
+
+/// The host pid of the process named `comm` in the cgroup `dir`, once there is one.
+fn wait_for_process(dir: &Path, comm: &str) -> i32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = cgroup_lines(dir, "cgroup.procs").iter().find_map(|pid| {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (name.trim() == comm).then(|| pid.parse().expect("a pid"))
+        });
+        if let Some(pid) = found {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {comm} in {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `pid` has touched `bytes` of anonymous memory (RssAnon in its /proc status).
+fn wait_for_rss_anon(pid: i32, bytes: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("RssAnon");
+        if kib * 1024 >= bytes {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pid} has {kib} kB of anonymous memory"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads the container's stdout until `word` shows.
+async fn wait_for_output(sb: &Sandbox, id: &str, word: &str) {
+    let mut out = String::new();
+    while !out.contains(word) {
+        let data = within(
+            sb.client
+                .read_stdout(agent::ReadStreamRequest::of(id, "", 4096)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{id} prints {word:?} in time"))
+        .expect("read stdout")
+        .data;
+        assert!(!data.is_empty(), "EOF before {word:?} from {id}: {out:?}");
+        out.push_str(&String::from_utf8_lossy(&data));
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_64_mib_buffer_moves_anon_and_a_64_mib_file_moves_the_page_cache() {
+    let cgroups = TestCgroupRoot::create().expect("a writable cgroup2 hierarchy (run as root)");
+    let root = cgroups.0.display().to_string();
+    let sb = sandbox_with_env(&[("KATA_AGENT_CGROUP_ROOT", root.as_str())]);
+    // Alike but for what they hold: nothing; a 64 MiB buffer (dd filled it from /dev/zero and
+    // is blocked writing it into a pipe that sleep never reads); 64 MiB written to a file.
+    let containers = [
+        (
+            "idle",
+            "dd if=/dev/zero bs=1 count=1 2>/dev/null | sleep 600",
+        ),
+        (
+            "anon",
+            "dd if=/dev/zero bs=64M count=1 2>/dev/null | sleep 600",
+        ),
+        (
+            "file",
+            "dd if=/dev/zero of=/tmp/f bs=1M count=64 2>/dev/null; echo written; sleep 600",
+        ),
+    ];
+    for (id, script) in containers {
+        create_and_start(&sb, id, spec(&sb.rootfs, &["sh", "-c", script])).await;
+    }
+    let dir = |id: &str| cgroups.0.join(id);
+    wait_for_process(&dir("idle"), "sleep");
+    wait_for_rss_anon(wait_for_process(&dir("anon"), "dd"), 64 * MIB);
+    wait_for_output(&sb, "file", "written").await;
+
+    let idle = memory_figures(&sb, "idle").await;
+    let anon = memory_figures(&sb, "anon").await;
+    let file = memory_figures(&sb, "file").await;
+    let with_memory_controller = dir("idle").join("memory.stat").exists();
+    eprintln!(
+        "memory controller: {with_memory_controller}; idle {idle:?}, anon {anon:?}, file {file:?}"
+    );
+    let near_64_mib = |more: u64| (60 * MIB..72 * MIB).contains(&more);
+    if with_memory_controller {
+        assert!(
+            near_64_mib(anon.anon.saturating_sub(idle.anon)),
+            "{anon:?} vs {idle:?}"
+        );
+        assert!(anon.file < idle.file + 16 * MIB, "{anon:?} vs {idle:?}");
+        assert!(file.file >= idle.file + 60 * MIB, "{file:?} vs {idle:?}");
+        // Written pages are page cache on the file LRUs (new ones on the inactive list).
+        assert!(
+            file.inactive_file + file.active_file
+                >= idle.inactive_file + idle.active_file + 60 * MIB,
+            "{file:?} vs {idle:?}"
+        );
+        assert!(file.anon < idle.anon + 16 * MIB, "{file:?} vs {idle:?}");
+        // The agent read the cgroup the test reads.
+        let map = expected_memory_map(&dir("anon"));
+        assert!(map["anon"].abs_diff(anon.anon) < 4 * MIB, "{map:?}");
+    } else {
+        // A hybrid host: usage is the resident memory of the container's processes, which holds
+        // the buffer but not the page cache.
+        assert!(
+            near_64_mib(anon.usage.saturating_sub(idle.usage)),
+            "{anon:?} vs {idle:?}"
+        );
+        assert!(file.usage < idle.usage + 16 * MIB, "{file:?} vs {idle:?}");
+        assert_eq!((anon.anon, file.file), (0, 0), "no memory.stat, no keys");
+    }
+
+    for (id, _) in containers {
+        within(
+            sb.client
+                .remove_container(agent::RemoveContainerRequest::of(id, 10)),
+        )
+        .await
+        .expect("remove in time")
+        .expect("remove");
+    }
 }

@@ -166,12 +166,13 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
         .collect();
     assert!(cpus.contains(&"0"), "cpu=\"0\" missing: {cpus:?}");
     assert!(cpus.contains(&"total"), "cpu=\"total\" missing: {cpus:?}");
-    let interfaces: Vec<&str> = prom::family(&samples, "kata_guest_netdev_stat")
-        .iter()
-        .filter_map(|l| l.labels.get("interface").map(String::as_str))
-        .collect();
-    assert!(interfaces.contains(&"eth0"), "eth0 missing: {interfaces:?}");
-    assert!(interfaces.contains(&"lo"), "lo missing: {interfaces:?}");
+    let interfaces: std::collections::BTreeSet<&str> =
+        prom::family(&samples, "kata_guest_netdev_stat")
+            .iter()
+            .filter_map(|l| l.labels.get("interface").map(String::as_str))
+            .collect();
+    // Without a pod network the VM has no NIC (the pod tests see eth0 with its traffic).
+    assert_eq!(interfaces, ["lo"].into(), "a VM without NICs shows only lo");
 
     // The client stays connected, as the shim's would: stopping must not hang on it.
     let stopping = std::time::Instant::now();

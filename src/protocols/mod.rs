@@ -2,7 +2,8 @@
 //!
 //! Each generated file becomes a sibling module: the ttrpc files refer to their messages as
 //! `super::agent`, `super::health`, `super::oci`, `super::types`. [`requests`] adds short constructors for the
-//! requests that address a container or process.
+//! requests that address a container or process; [`memory_events`] says where StatsContainer's reply
+//! carries memory.events.
 
 /// `google.protobuf.Empty`, as the generated ttrpc code names it.
 pub mod empty {
@@ -32,4 +33,5 @@ pub mod health {
 pub mod health_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/protocols/health_ttrpc.rs"));
 }
+pub(crate) mod memory_events;
 pub mod requests;

@@ -56,6 +56,7 @@ pub(crate) fn sandbox_spec(spec: &Spec) -> SandboxSpec {
     SandboxSpec {
         pod: pod_identity(spec),
         netns: network_namespace(spec),
+        cgroups_path: cgroups_path(spec),
     }
 }
 
@@ -89,6 +90,16 @@ pub(crate) fn sandbox_of(spec: &Spec) -> Option<String> {
         .get(SANDBOX_ID)
         .filter(|id| !id.is_empty())
         .cloned()
+}
+
+/// The container's `linux.cgroupsPath` (for a sandbox: where its VM runs on the host), if set.
+pub(crate) fn cgroups_path(spec: &Spec) -> Option<String> {
+    spec.linux()
+        .as_ref()?
+        .cgroups_path()
+        .as_ref()
+        .map(|path| path.display().to_string())
+        .filter(|path| !path.is_empty())
 }
 
 /// The container's root inside the guest.
@@ -312,5 +323,19 @@ mod tests {
         );
         assert_eq!(network_namespace(&with(r#"{"type": "network"}"#)), None);
         assert_eq!(network_namespace(&with(r#"{"type": "pid"}"#)), None);
+    }
+
+    #[test]
+    fn the_cgroups_path_is_read_as_containerd_writes_it() {
+        let json = CONFIG.replace(
+            r#""linux": {"#,
+            r#""linux": {"cgroupsPath": "/kubepods/besteffort/pod42/sb1", "#,
+        );
+        let with_path: Spec = serde_json::from_str(&json).expect("spec");
+        assert_eq!(
+            cgroups_path(&with_path).as_deref(),
+            Some("/kubepods/besteffort/pod42/sb1")
+        );
+        assert_eq!(cgroups_path(&spec()), None);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::config::{self, Config};
-use super::hypervisor::{self, Nic, Vm, VmConfig, VmError};
+use super::hypervisor::{self, CgroupError, CgroupPath, Nic, Vm, VmConfig, VmError};
 use super::metrics::launch::{self, SandboxMetrics};
 use super::metrics::registry;
 use super::network::{self, NetworkError};
@@ -35,6 +35,8 @@ pub(crate) enum SandboxError {
     Vm { id: String, source: VmError },
     #[error("sandbox {id}: wiring the pod's network into the VM: {source}")]
     Network { id: String, source: NetworkError },
+    #[error("sandbox {id}: {source}")]
+    Cgroup { id: String, source: CgroupError },
     #[error("sandbox {id}: the agent refused CreateSandbox: {source}")]
     CreateSandbox { id: String, source: AgentError },
 }
@@ -78,6 +80,24 @@ impl Sandbox {
         namespace: &str,
         spec: SandboxSpec,
     ) -> Result<Sandbox, SandboxError> {
+        let cgroup = match spec
+            .cgroups_path
+            .as_deref()
+            .map(CgroupPath::parse)
+            .transpose()
+        {
+            Ok(path) => path,
+            Err(err @ CgroupError::SystemdPath { .. }) => {
+                tracing::warn!(sandbox = id, "{err}: the VM runs in the shim's cgroups");
+                None
+            }
+            Err(source) => {
+                return Err(SandboxError::Cgroup {
+                    id: id.to_string(),
+                    source,
+                })
+            }
+        };
         let dirs = SandboxDirs::new(&config.run_dir(), id);
         // The VM creates its own state directory (and refuses one that exists: leftovers).
         create_private_dir(&dirs.shared).map_err(|source| SandboxError::Dir {
@@ -99,7 +119,7 @@ impl Sandbox {
             None => Default::default(),
         };
         let started = Instant::now();
-        let vm = match Vm::start(&vm_config(config, &dirs, nics)).await {
+        let vm = match Vm::start(&vm_config(config, &dirs, nics, cgroup)).await {
             Ok(vm) => vm,
             Err(source) => {
                 remove_dirs(&dirs, id);
@@ -218,6 +238,11 @@ pub(crate) struct SandboxSpec {
     pub(crate) pod: Option<PodIdentity>,
     /// The network namespace CNI set up for the pod; without one the VM gets no NIC.
     pub(crate) netns: Option<PathBuf>,
+    /// The sandbox container's `linux.cgroupsPath` (under kubelet's pod cgroup): QEMU and the
+    /// vsock daemon run there, so the VM's host cost is the pod's (Kata's `sandbox_cgroup_only`).
+    /// A systemd driver's path (slice:prefix:name) is logged and left out; a path that leaves
+    /// the hierarchy fails the start.
+    pub(crate) cgroups_path: Option<String>,
 }
 
 /// Stops a VM whose sandbox failed to come up, and removes the sandbox's files.
@@ -276,7 +301,12 @@ async fn create_guest_sandbox(agent: &AgentClient, id: &str) -> Result<(), Agent
     agent.create_sandbox(req).await.map(drop)
 }
 
-fn vm_config(config: &Config, dirs: &SandboxDirs, nics: Vec<Nic>) -> VmConfig {
+fn vm_config(
+    config: &Config,
+    dirs: &SandboxDirs,
+    nics: Vec<Nic>,
+    cgroup: Option<CgroupPath>,
+) -> VmConfig {
     let qemu = &config.hypervisor.qemu;
     VmConfig {
         qemu_path: qemu.path.clone(),
@@ -300,6 +330,7 @@ fn vm_config(config: &Config, dirs: &SandboxDirs, nics: Vec<Nic>) -> VmConfig {
             qemu.kernel_params.clone()
         },
         nics,
+        cgroup,
     }
 }
 
@@ -309,4 +340,51 @@ fn create_private_dir(path: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration whose run directory is `dir` and whose guest kernel does not exist, so
+    /// that a start gets no further than the VM's configuration check.
+    fn config(dir: &Path) -> Config {
+        let mut config = Config::default();
+        config.runtime.sandbox_run_dir = Some(dir.to_path_buf());
+        config.hypervisor.qemu.kernel = dir.join("no-kernel");
+        config
+    }
+
+    fn in_cgroup(path: &str) -> SandboxSpec {
+        SandboxSpec {
+            cgroups_path: Some(path.to_string()),
+            ..SandboxSpec::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cgroups_path_leaving_the_hierarchy_fails_the_start_before_anything_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let result = Sandbox::start(&config(dir.path()), "sb", "ns", in_cgroup("/a/../../b")).await;
+        let Err(err @ SandboxError::Cgroup { .. }) = result else {
+            panic!("expected a cgroup error");
+        };
+        assert!(err.to_string().contains("/a/../../b"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_systemd_drivers_path_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = in_cgroup("system.slice:cri-containerd:sb");
+        let result = Sandbox::start(&config(dir.path()), "sb", "ns", spec).await;
+        // Past the cgroup, up to the VM's check of its kernel.
+        let Err(SandboxError::Vm {
+            source: VmError::MissingFile { .. },
+            ..
+        }) = result
+        else {
+            panic!("expected the missing kernel");
+        };
+    }
 }

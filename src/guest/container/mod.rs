@@ -6,7 +6,8 @@
 //! - [`stdio`]: pipes or a pty, with blocking reads that return empty data at EOF;
 //! - [`state`]: one process (a container's init or an exec'd one) and its lifecycle;
 //! - [`storage`]: sandbox storages (9p shares);
-//! - [`cgroup`], [`stats`]: a cgroup v2 per container, and StatsContainer's figures.
+//! - [`cgroup`], [`stats`], [`cgroup_stats`]: a cgroup v2 per container, and StatsContainer's
+//!   figures (from that cgroup's files).
 //!
 //! What the shim can rely on:
 //! - `OCI.Root.Path` is an absolute path in the guest (e.g. under a 9p share that CreateSandbox
@@ -24,12 +25,15 @@
 //! - WaitProcess: exit code, or 128 + N after signal N; any number of times, before or after exit.
 //! - SignalProcess after the exit succeeds (nothing to signal). An empty exec_id (or the container
 //!   id) names the init; SIGKILL to it ends every process of the container.
-//! - StatsContainer: CPU (ns), memory and pids of the container's cgroup (cpu.stat, memory.*,
-//!   pids.*; from /proc where a controller is missing), and the guest's interfaces but lo.
+//! - StatsContainer: CPU (ns, throttling), memory and pids of the container's cgroup (cpu.stat,
+//!   memory.*, every memory.stat key in `MemoryStats.stats`, memory.events as described in
+//!   [`crate::protocols::memory_events`], pids.*; from /proc where a controller is missing), and
+//!   the guest's interfaces but lo.
 //! - NOT_FOUND for unknown containers/processes, ALREADY_EXISTS for duplicates, INVALID_ARGUMENT
 //!   for specs the agent cannot run.
 
 pub mod cgroup;
+pub(crate) mod cgroup_stats;
 pub mod init;
 pub mod spawn;
 pub(crate) mod spec;

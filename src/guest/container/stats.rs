@@ -1,5 +1,5 @@
-//! StatsContainer: a container's CPU, memory and pids figures from its cgroup v2 files, and the
-//! guest's network interfaces.
+//! StatsContainer: a container's CPU, memory and pids figures from its cgroup v2 files (read by
+//! [`cgroup_stats`]), and the guest's network interfaces.
 //!
 //! What a cgroup lacks (no memory or pids controller, e.g. in a host's hybrid hierarchy) is taken
 //! from the cgroup's processes in /proc instead; a container without a cgroup is measured by its
@@ -11,16 +11,15 @@ use nix::unistd::Pid;
 use procfs::net::DeviceStatus;
 use procfs::process::Process;
 
+use super::cgroup_stats;
 use crate::protocols::agent;
-
-const NANOS_PER_USEC: u64 = 1000;
 
 /// Everything StatsContainer answers for a container whose cgroup is `cgroup` (if any) and whose
 /// init is `init`.
 pub(crate) fn container_stats(cgroup: Option<&Path>, init: Pid) -> agent::StatsContainerResponse {
     let mut reply = agent::StatsContainerResponse::new();
     reply.cgroup_stats = Some(match cgroup {
-        Some(dir) => cgroup_stats(dir),
+        Some(dir) => of_cgroup(dir),
         None => process_stats(&[init], threads(init)),
     })
     .into();
@@ -30,7 +29,7 @@ pub(crate) fn container_stats(cgroup: Option<&Path>, init: Pid) -> agent::StatsC
     reply
 }
 
-fn cgroup_stats(dir: &Path) -> agent::CgroupStats {
+fn of_cgroup(dir: &Path) -> agent::CgroupStats {
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
     let pids: Vec<Pid> = read("cgroup.procs")
         .map(|text| {
@@ -43,42 +42,7 @@ fn cgroup_stats(dir: &Path) -> agent::CgroupStats {
     let thread_count = read("cgroup.threads").map_or(0, |t| t.lines().count() as u64);
     // Start from the processes' own figures, then prefer the cgroup's wherever it has them.
     let mut stats = process_stats(&pids, thread_count);
-    if let Some(text) = read("cpu.stat") {
-        let usage = stats
-            .cpu_stats
-            .mut_or_insert_default()
-            .cpu_usage
-            .mut_or_insert_default();
-        let field = |key| flat_keyed(&text, key).map(|usec| usec.saturating_mul(NANOS_PER_USEC));
-        usage.total_usage = field("usage_usec").unwrap_or(usage.total_usage);
-        usage.usage_in_usermode = field("user_usec").unwrap_or(usage.usage_in_usermode);
-        usage.usage_in_kernelmode = field("system_usec").unwrap_or(usage.usage_in_kernelmode);
-    }
-    if let Some(current) = read("memory.current").and_then(|t| parse_limit(&t)) {
-        let memory = stats.memory_stats.mut_or_insert_default();
-        let data = memory.usage.mut_or_insert_default();
-        data.usage = current;
-        data.limit = read("memory.max")
-            .and_then(|t| parse_limit(&t))
-            .unwrap_or(u64::MAX);
-        data.max_usage = read("memory.peak")
-            .and_then(|t| parse_limit(&t))
-            .unwrap_or(0);
-        data.failcnt = read("memory.events")
-            .and_then(|t| flat_keyed(&t, "max"))
-            .unwrap_or(0);
-        memory.cache = read("memory.stat")
-            .and_then(|t| flat_keyed(&t, "file"))
-            .unwrap_or(0);
-    }
-    if let Some(current) = read("pids.current").and_then(|t| t.trim().parse().ok()) {
-        let pids = stats.pids_stats.mut_or_insert_default();
-        pids.current = current;
-        // "max" means no limit: 0, as runc reports it.
-        pids.limit = read("pids.max")
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0);
-    }
+    cgroup_stats::overlay(dir, &mut stats);
     stats
 }
 
@@ -145,24 +109,6 @@ fn sysconf_or(value: u64, fallback: u64) -> u64 {
         .unwrap_or(fallback)
 }
 
-/// The value of `key` in a flat-keyed file ("key value" lines: cpu.stat, memory.stat, ...).
-fn flat_keyed(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next() == Some(key))
-            .then(|| words.next()?.parse().ok())
-            .flatten()
-    })
-}
-
-/// A single number, or "max" (no limit) as u64::MAX.
-fn parse_limit(text: &str) -> Option<u64> {
-    match text.trim() {
-        "max" => Some(u64::MAX),
-        v => v.parse().ok(),
-    }
-}
-
 /// Every interface but the loopback, by name (procfs gives /proc/net/dev's lines unordered).
 fn network_stats(devices: impl IntoIterator<Item = DeviceStatus>) -> Vec<agent::NetworkStats> {
     let mut stats: Vec<agent::NetworkStats> = devices
@@ -189,16 +135,6 @@ fn network_stats(devices: impl IntoIterator<Item = DeviceStatus>) -> Vec<agent::
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn flat_keyed_files_and_limits() {
-        let cpu = "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n";
-        assert_eq!(flat_keyed(cpu, "user_usec"), Some(1000));
-        assert_eq!(flat_keyed(cpu, "usage"), None);
-        assert_eq!(parse_limit("max\n"), Some(u64::MAX));
-        assert_eq!(parse_limit("4096\n"), Some(4096));
-        assert_eq!(parse_limit("x"), None);
-    }
 
     /// utime, stime, cutime, cstime (fields 14..17 of /proc/<pid>/stat) read without procfs.
     fn stat_ticks(pid: u32) -> [u64; 4] {

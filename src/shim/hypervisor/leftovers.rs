@@ -1,5 +1,5 @@
-//! Cleaning up after a shim crash: the pid files a VM leaves in its state directory, and killing
-//! the processes they name when those are still ours.
+//! Cleaning up after a shim crash: the pid files a VM leaves in its state directory, killing the
+//! processes they name when those are still ours, and removing the sandbox cgroup it recorded.
 
 use std::io;
 use std::path::Path;
@@ -10,12 +10,14 @@ use nix::unistd::Pid;
 use procfs::process::Process;
 
 use super::child_process::STOP_GRACE;
-use super::state_files::{DAEMON_PID, QEMU_PID};
+use super::sandbox_cgroup::{CgroupPath, SandboxCgroup};
+use super::state_files::{CGROUP_PATH, DAEMON_PID, QEMU_PID};
 use super::VmError;
 
 /// After a shim crash: kills the QEMU and vsock daemon named by the pid files in `state_dir` if
-/// they still are ours (their command line mentions `state_dir`), then removes `state_dir`.
-pub fn kill_leftovers(state_dir: &Path) -> io::Result<()> {
+/// they still are ours (their command line mentions `state_dir`), then removes the sandbox cgroup
+/// recorded there, if any, and `state_dir`. Both are tried; the first failure is returned.
+pub fn kill_leftovers(state_dir: &Path) -> Result<(), VmError> {
     if !state_dir.exists() {
         return Ok(());
     }
@@ -37,10 +39,32 @@ pub fn kill_leftovers(state_dir: &Path) -> io::Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    match std::fs::remove_dir_all(state_dir) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+    let cgroup = remove_recorded_cgroup(state_dir);
+    let removed = match std::fs::remove_dir_all(state_dir) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(VmError::io(
+            format!("removing VM state directory {}", state_dir.display()),
+            err,
+        )),
         _ => Ok(()),
-    }
+    };
+    cgroup.and(removed)
+}
+
+/// Notes in `state_dir` which cgroup the VM's processes run in.
+pub(super) fn write_cgroup_record(state_dir: &Path, path: &CgroupPath) -> Result<(), VmError> {
+    let record = state_dir.join(CGROUP_PATH);
+    std::fs::write(&record, path.as_path().as_os_str().as_encoded_bytes())
+        .map_err(|e| VmError::io(format!("writing {}", record.display()), e))
+}
+
+/// Removes the cgroup that `state_dir` records (the record is our own file, but it is parsed as
+/// strictly as the spec's path was).
+fn remove_recorded_cgroup(state_dir: &Path) -> Result<(), VmError> {
+    let Ok(text) = std::fs::read_to_string(state_dir.join(CGROUP_PATH)) else {
+        return Ok(());
+    };
+    SandboxCgroup::existing(CgroupPath::parse(&text)?)?.remove()?;
+    Ok(())
 }
 
 fn read_pid_file(path: &Path) -> Option<i32> {
@@ -133,5 +157,49 @@ mod tests {
         // Killed but not yet reaped by us, it was a zombie at once: no polling until the deadline.
         assert!(took < STOP_GRACE, "kill_leftovers took {took:?}");
         assert!(!state.exists());
+    }
+
+    #[tokio::test]
+    async fn the_sandbox_cgroup_of_a_crashed_shim_is_removed_with_its_processes() {
+        use super::super::child_process::spawn_detached;
+        use super::super::sandbox_cgroup::testing::{mounts, TestCgroupPath};
+        use super::super::sandbox_cgroup::SandboxCgroup;
+
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("vm");
+        std::fs::create_dir(&state).unwrap();
+        let path = TestCgroupPath::new();
+        let cgroup_path = CgroupPath::parse(&path.text).unwrap();
+        write_cgroup_record(&state, &cgroup_path).unwrap();
+        let cgroup = SandboxCgroup::create(cgroup_path).unwrap();
+        // A stand-in QEMU, started as the shim starts it, that the crashed shim left behind.
+        let console = state.join("console.log");
+        std::fs::write(&console, "boot log").unwrap();
+        let mut cmd = tokio::process::Command::new("tail");
+        cmd.arg("-f").arg(&console);
+        let log = std::fs::File::create(dir.path().join("qemu.log")).unwrap();
+        let mut qemu =
+            spawn_detached(cmd, log, "QEMU", Path::new("tail"), &[], Some(&cgroup)).unwrap();
+        let pid = qemu.id().unwrap();
+        std::fs::write(state.join(QEMU_PID), format!("{pid}\n")).unwrap();
+        let needle = state.as_os_str().as_encoded_bytes().to_vec();
+        let shown = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap()
+            .windows(needle.len())
+            .any(|w| w == needle.as_slice())
+        {
+            assert!(std::time::Instant::now() < shown, "no command line");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(cgroup);
+
+        // Killed but not reaped (a zombie of ours) does not keep the cgroup.
+        kill_leftovers(&state).unwrap();
+        for mount in mounts() {
+            assert!(!path.dir(&mount).exists(), "{}", path.dir(&mount).display());
+        }
+        assert!(!state.exists());
+        qemu.wait().await.unwrap();
     }
 }

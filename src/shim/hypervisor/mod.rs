@@ -11,6 +11,7 @@ mod config_checks;
 mod leftovers;
 mod logs;
 mod qmp;
+mod sandbox_cgroup;
 mod state_files;
 mod vm;
 mod vsock_cid;
@@ -26,6 +27,8 @@ use std::time::Duration;
 use crate::agent_client::RpcDurations;
 
 pub use leftovers::kill_leftovers;
+pub(crate) use sandbox_cgroup::CgroupError;
+pub(crate) use sandbox_cgroup::CgroupPath;
 pub use vm::Vm;
 
 /// Kernel parameters every VM gets; [`VmConfig::kernel_params`] is appended.
@@ -109,6 +112,10 @@ pub struct VmConfig {
     pub(crate) kernel_params: String,
     /// The pod's NICs; none gives a VM without a network device.
     pub(crate) nics: Vec<Nic>,
+    /// The sandbox's cgroup (the sandbox container's `linux.cgroupsPath`), where QEMU and the
+    /// vsock daemon run: created by [`Vm::start`] under every mounted hierarchy, removed by
+    /// [`Vm::stop`] or, after a shim crash, by [`kill_leftovers`]. `None`: the shim's cgroups.
+    pub(crate) cgroup: Option<CgroupPath>,
 }
 
 impl VmConfig {
@@ -134,6 +141,7 @@ impl VmConfig {
             boot_timeout: Duration::from_secs(60),
             kernel_params: DEFAULT_KERNEL_PARAMS.to_string(),
             nics: Vec::new(),
+            cgroup: None,
         }
     }
 }
@@ -163,6 +171,8 @@ pub enum VmError {
     SocketPathTooLong { path: PathBuf, len: usize },
     #[error("{action}: {source}")]
     Io { action: String, source: io::Error },
+    #[error("the sandbox's cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
     #[error("KVM was asked for, but {0}")]
     KvmUnusable(String),
     #[error(

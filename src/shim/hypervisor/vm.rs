@@ -21,9 +21,10 @@ use super::accel::resolve_accel;
 use super::child_process::{child_pid, signal_child, spawn_detached, stop_child, STOP_GRACE};
 use super::cmdline::{qemu_args, VsockDevice};
 use super::config_checks::{check_config, check_socket_path};
-use super::leftovers::write_pid_file;
+use super::leftovers::{write_cgroup_record, write_pid_file};
 use super::logs::{log_file, log_tail};
 use super::qmp::qmp_quit;
+use super::sandbox_cgroup::SandboxCgroup;
 use super::state_files::{
     CONSOLE_LOG, DAEMON_LOG, DAEMON_PID, HYBRID_VSOCK_SOCKET, QEMU_LOG, QMP_SOCKET,
     VHOST_USER_SOCKET,
@@ -51,6 +52,8 @@ pub struct Vm {
     qemu_pid: i32,
     daemon: Option<Child>,
     daemon_pid: Option<i32>,
+    /// Where QEMU and the daemon run, when the configuration names a cgroup.
+    cgroup: Option<SandboxCgroup>,
     /// Set once the state directory is ours to remove (we created it).
     owns_state_dir: bool,
 }
@@ -93,6 +96,7 @@ impl Vm {
             qemu_pid: 0,
             daemon: None,
             daemon_pid: None,
+            cgroup: None,
             owns_state_dir: true,
         };
         match vm.boot(cfg, hybrid, started).await {
@@ -129,7 +133,7 @@ impl Vm {
     }
 
     /// Stops QEMU (QMP `quit`, then SIGTERM, then SIGKILL), then the vsock daemon, and removes the
-    /// state directory. Calling it again does nothing.
+    /// sandbox cgroup and the state directory. Calling it again does nothing.
     pub async fn stop(&mut self) -> Result<(), VmError> {
         if let Some(mut qemu) = self.qemu.take() {
             let quit = tokio::time::timeout(STOP_GRACE, qmp_quit(&self.state_dir.join(QMP_SOCKET)))
@@ -158,7 +162,9 @@ impl Vm {
             signal_child(&daemon, Signal::SIGTERM);
             stop_child(&mut daemon, "the vsock daemon").await;
         }
-        self.remove_state_dir()
+        let cgroup = self.remove_cgroup();
+        let state_dir = self.remove_state_dir();
+        cgroup.and(state_dir)
     }
 
     async fn boot(
@@ -167,7 +173,12 @@ impl Vm {
         hybrid: bool,
         started: Instant,
     ) -> Result<(), VmError> {
-        // The accelerator first: the KVM probe boots a VM of its own.
+        if let Some(path) = &cfg.cgroup {
+            // Recorded before it exists, so that `delete` after a crash finds even half of it.
+            write_cgroup_record(&self.state_dir, path)?;
+            self.cgroup = Some(SandboxCgroup::create(path.clone())?);
+        }
+        // The accelerator next: the KVM probe boots a VM of its own.
         let probe_started = Instant::now();
         self.accel = resolve_accel(cfg).await?;
         self.timings.accel_probe = probe_started.elapsed();
@@ -221,7 +232,14 @@ impl Vm {
             .arg(&vhu)
             .arg("--uds-path")
             .arg(&uds);
-        let child = spawn_detached(cmd, log, "the vsock daemon", &cfg.vsock_daemon, &[])?;
+        let child = spawn_detached(
+            cmd,
+            log,
+            "the vsock daemon",
+            &cfg.vsock_daemon,
+            &[],
+            self.cgroup.as_ref(),
+        )?;
         let pid = child_pid(&child);
         self.daemon_pid = Some(pid);
         self.daemon = Some(child);
@@ -264,7 +282,14 @@ impl Vm {
         cmd.args(&args);
         tracing::debug!(qemu = %cfg.qemu_path.display(), args = ?args, "starting QEMU");
         let taps: Vec<_> = cfg.nics.iter().map(|nic| &nic.tap).collect();
-        let child = spawn_detached(cmd, log, "QEMU", &cfg.qemu_path, &taps)?;
+        let child = spawn_detached(
+            cmd,
+            log,
+            "QEMU",
+            &cfg.qemu_path,
+            &taps,
+            self.cgroup.as_ref(),
+        )?;
         self.qemu_pid = child_pid(&child);
         self.qemu = Some(child);
         Ok(())
@@ -335,13 +360,25 @@ impl Vm {
         log_tail(&self.state_dir.join(CONSOLE_LOG))
     }
 
-    /// SIGKILL everything and remove the state directory (the failure path of `start`).
+    /// SIGKILL everything and remove the sandbox cgroup and the state directory (the failure
+    /// path of `start`).
     async fn kill_now(&mut self) {
         for mut child in [self.qemu.take(), self.daemon.take()].into_iter().flatten() {
             let _ = child.start_kill();
             let _ = tokio::time::timeout(STOP_GRACE, child.wait()).await;
         }
+        if let Err(err) = self.remove_cgroup() {
+            tracing::warn!("{err}");
+        }
         let _ = self.remove_state_dir();
+    }
+
+    fn remove_cgroup(&mut self) -> Result<(), VmError> {
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.remove()?;
+        }
+        self.cgroup = None;
+        Ok(())
     }
 
     fn remove_state_dir(&mut self) -> Result<(), VmError> {
@@ -370,6 +407,11 @@ impl Drop for Vm {
             .flatten()
         {
             let _ = child.start_kill();
+        }
+        if self.remove_cgroup().is_err() {
+            // The killed processes may still be exiting: the state directory's pid files and
+            // cgroup record stay for `delete` (kill_leftovers) to finish the job.
+            return;
         }
         let _ = self.remove_state_dir();
     }
