@@ -73,7 +73,7 @@ fn mount(dest: &str, ty: &str, options: &[&str]) -> oci::Mount {
     m
 }
 
-/// A spec like containerd's default: proc, tmpfs /dev, devpts, sysfs, cgroup (ignored).
+/// A spec like containerd's default: proc, tmpfs /dev, devpts, sysfs, cgroup (v2, read-only).
 fn spec(rootfs: &Path, args: &[&str]) -> oci::Spec {
     let mut spec = oci::Spec::new();
     let mut root = oci::Root::new();

@@ -8,6 +8,7 @@ pub mod cri;
 pub mod fake_agent;
 pub mod hvsock_relay;
 pub mod netns;
+pub mod pod_checks;
 pub mod prom;
 
 use std::io::{BufRead, BufReader};

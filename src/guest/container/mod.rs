@@ -13,7 +13,8 @@
 //! - `OCI.Root.Path` is an absolute path in the guest (e.g. under a 9p share that CreateSandbox
 //!   mounted); bind mount sources are guest paths too. Mounts: proc, sysfs, tmpfs, devtmpfs,
 //!   mqueue, bind/rbind; devpts becomes a bind of the guest's /dev/pts (where the agent's ptys
-//!   live); cgroup mounts are skipped. /proc is always mounted, /dev always gets null, zero, full,
+//!   live); a cgroup mount (v1 or v2) is the guest's cgroup v2, so a container reads its own
+//!   figures and limits at `/sys/fs/cgroup/kata/<id>`. /proc is always mounted, /dev always gets null, zero, full,
 //!   random, urandom, tty. Rlimits, OOMScoreAdj, NoNewPrivileges apply; Linux.{MaskedPaths,
 //!   ReadonlyPaths, Sysctl, Namespaces} are ignored (the VM is the isolation boundary).
 //! - CreateContainer does all the setup and finds the program, so a missing program fails

@@ -90,12 +90,11 @@ pub(crate) fn translate(spec: &oci::Spec) -> Result<InitConfig, SpecError> {
         .ok_or_else(|| invalid("Process is missing"))?;
     let (args, env, cwd) = process_parts(process)?;
     let user = process.User.as_ref();
-    let mut mounts = Vec::new();
-    for mount in &spec.Mounts {
-        if let Some(plan) = mount_plan(mount)? {
-            mounts.push(plan);
-        }
-    }
+    let mounts = spec
+        .Mounts
+        .iter()
+        .map(mount_plan)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(InitConfig {
         rootfs,
         readonly_root: root.Readonly,
@@ -193,13 +192,9 @@ fn clean_absolute(what: &str, path: &str) -> Result<PathBuf, SpecError> {
     Ok(p.to_path_buf())
 }
 
-/// One OCI mount; `None` for mounts the guest does not need (cgroups).
-fn mount_plan(mount: &oci::Mount) -> Result<Option<MountPlan>, SpecError> {
+/// One OCI mount.
+fn mount_plan(mount: &oci::Mount) -> Result<MountPlan, SpecError> {
     let destination = clean_absolute("Mount destination", &mount.destination)?;
-    if matches!(mount.type_.as_str(), "cgroup" | "cgroup2") {
-        tracing::debug!(destination = %destination.display(), "ignoring cgroup mount");
-        return Ok(None);
-    }
     let (flags, data, bind) = parse_options(&mount.options)?;
     let kind = if mount.type_ == "bind" || bind.is_some() {
         let source = PathBuf::from(&mount.source);
@@ -222,6 +217,12 @@ fn mount_plan(mount: &oci::Mount) -> Result<Option<MountPlan>, SpecError> {
                 source: PathBuf::from("/dev/pts"),
                 recursive: false,
             },
+            // The guest has cgroup v2 only, whatever the host has: a program reads its limits
+            // and usage there (the container's own cgroup is kata/<id>).
+            "cgroup" | "cgroup2" => MountKind::Fresh {
+                fstype: "cgroup2".to_string(),
+                source: "cgroup2".to_string(),
+            },
             "proc" | "sysfs" | "tmpfs" | "devtmpfs" | "mqueue" => MountKind::Fresh {
                 fstype: mount.type_.clone(),
                 source: if mount.source.is_empty() {
@@ -233,7 +234,7 @@ fn mount_plan(mount: &oci::Mount) -> Result<Option<MountPlan>, SpecError> {
             other => {
                 return Err(invalid(format!(
                     "mount type {other:?} at {} is not supported (proc, sysfs, tmpfs, devtmpfs, \
-                     mqueue, devpts, bind)",
+                     mqueue, cgroup, devpts, bind)",
                     destination.display()
                 )))
             }
@@ -244,12 +245,12 @@ fn mount_plan(mount: &oci::Mount) -> Result<Option<MountPlan>, SpecError> {
         MountKind::Bind { .. } => None,
         MountKind::Fresh { .. } => data,
     };
-    Ok(Some(MountPlan {
+    Ok(MountPlan {
         destination,
         kind,
         flags,
         data,
-    }))
+    })
 }
 
 type ParsedOptions = (MsFlags, Option<String>, Option<bool>);
@@ -337,7 +338,7 @@ mod tests {
         let c = translate(&s).expect("valid");
         assert_eq!(c.cwd, PathBuf::from("/"));
         assert_eq!(c.hostname.as_deref(), Some("box"));
-        assert_eq!(c.mounts.len(), 4, "cgroup is skipped");
+        assert_eq!(c.mounts.len(), 5);
         assert_eq!(c.mounts[1].data.as_deref(), Some("mode=755,size=65536k"));
         assert!(c.mounts[1]
             .flags
@@ -352,12 +353,21 @@ mod tests {
         assert_eq!(c.mounts[2].data, None);
         assert_eq!(
             c.mounts[3].kind,
+            MountKind::Fresh {
+                fstype: "cgroup2".into(),
+                source: "cgroup2".into()
+            },
+            "the guest's cgroup v2, whatever the host has"
+        );
+        assert!(c.mounts[3].flags.contains(MsFlags::MS_RDONLY));
+        assert_eq!(
+            c.mounts[4].kind,
             MountKind::Bind {
                 source: "/run/hosts".into(),
                 recursive: true
             }
         );
-        assert!(c.mounts[3].flags.contains(MsFlags::MS_RDONLY));
+        assert!(c.mounts[4].flags.contains(MsFlags::MS_RDONLY));
     }
 
     #[test]
