@@ -21,9 +21,9 @@ all: build guest-image
 deps:
 	scripts/install-deps.sh
 
-## build: the host binaries (release).
+## build: the host binaries (release), and the demo's CRI client (examples/cri-pod.rs).
 build:
-	$(CARGO) build --release --bins
+	$(CARGO) build --release --bins --example cri-pod
 
 ## agent-static: the agent as a static binary, to run as the guest's init.
 agent-static:
@@ -61,8 +61,9 @@ busybox-image:
 pause-image:
 	scripts/build-pause-image.sh $(BUILD_DIR)/pause.tar
 
-## demo: a private containerd runs a busybox sandbox with our runtime and prints its metrics.
-demo: deps build guest-image busybox-image
+## demo: a private containerd runs a busybox sandbox with our runtime and prints its metrics;
+## then containerd's CRI runs a pod of two containers, shown by kata-runtime and kata-monitor.
+demo: deps build guest-image busybox-image pause-image
 	KSM_BIN_DIR=$(abspath $(TARGET_DIR)/release) KSM_GUEST_DIR=$(abspath $(GUEST_DIR)) scripts/demo.sh
 
 ## lint: formatting and clippy, warnings as errors.

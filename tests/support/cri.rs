@@ -442,8 +442,16 @@ impl PodCgroup {
 
 impl Drop for PodCgroup {
     fn drop(&mut self) {
+        // The runtime may still be stopping the VM in the pod's cgroup (a test that failed
+        // half-way): a cgroup with processes cannot go yet.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while self.dirs.iter().any(|dir| dir.exists()) && std::time::Instant::now() < deadline {
+            for dir in &self.dirs {
+                remove_cgroup_tree(dir);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         for dir in &self.dirs {
-            remove_cgroup_tree(dir);
             // besteffort and kubepods too, when no other pod is left in them.
             for up in dir.ancestors().skip(1).take(2) {
                 let _ = std::fs::remove_dir(up);

@@ -301,13 +301,16 @@ impl Vm {
         timeout: Duration,
         durations: Option<RpcDurations>,
     ) -> Result<(), VmError> {
-        let attempt_limit = Duration::from_secs(1);
+        // A connection is never given up while its CONNECT is pending: vhost-device-vsock 0.3
+        // panics (its vring thread, for good) when the guest's answer finds the host side closed,
+        // which a slow TCG guest made happen about once in ten boots. Unanswered, the guest
+        // answers "nobody listens" quickly once its vsock driver is up.
         let client = AgentClient::new(
             self.agent_url.clone(),
             AgentTimeouts {
-                connect: attempt_limit,
-                metrics: attempt_limit,
-                request: attempt_limit,
+                connect: timeout,
+                metrics: timeout,
+                request: timeout,
             },
         )
         .with_durations(durations);
