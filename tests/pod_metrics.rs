@@ -492,13 +492,26 @@ fn a_pods_figures_match_the_guest_and_its_host_cost_is_the_pods() {
     }
     let qemu_cpu = process_cpu_ns(qemu);
     let pod_stats = pod.stats();
+    let listed = pod.list_stats();
     let pod_cgroup_cpu = pod.cgroup_cpu_ns();
+    let pod_cpu_of = |stats: &k8s_cri::v1::PodSandboxStats| {
+        stats
+            .linux
+            .as_ref()
+            .and_then(|l| l.cpu.as_ref())
+            .and_then(|c| c.usage_core_nano_seconds.as_ref())
+            .expect("the pod's CPU")
+            .value
+    };
+    let pod_cpu = pod_cpu_of(&pod_stats);
+    assert_eq!(listed.len(), 1, "ListPodSandboxStats for the pod's id");
+    assert_within(
+        "ListPodSandboxStats' CPU, read after PodSandboxStats",
+        pod_cpu_of(&listed[0]),
+        pod_cpu,
+        pod_cgroup_cpu,
+    );
     let linux = pod_stats.linux.expect("linux pod stats");
-    let pod_cpu = linux
-        .cpu
-        .and_then(|c| c.usage_core_nano_seconds)
-        .expect("the pod's CPU")
-        .value;
     eprintln!("pod CPU {pod_cpu} ns; QEMU's before {qemu_cpu} ns; the pod cgroup's after {pod_cgroup_cpu} ns");
     assert_within(
         "the pod's CPU",

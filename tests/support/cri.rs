@@ -302,6 +302,21 @@ impl Pod<'_> {
             .unwrap_or_else(|| panic!("PodSandboxStats of {} has no stats", self.id))
     }
 
+    /// ListPodSandboxStats filtered to this pod's id.
+    pub fn list_stats(&self) -> Vec<PodSandboxStats> {
+        let request = ListPodSandboxStatsRequest {
+            filter: Some(PodSandboxStatsFilter {
+                id: self.id.clone(),
+                ..Default::default()
+            }),
+        };
+        self.kubelet
+            .must("ListPodSandboxStats", |mut c| async move {
+                c.list_pod_sandbox_stats(request).await
+            })
+            .stats
+    }
+
     pub fn status(&self) -> PodSandboxStatusResponse {
         let request = PodSandboxStatusRequest {
             pod_sandbox_id: self.id.clone(),
