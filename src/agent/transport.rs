@@ -3,9 +3,17 @@
 //! Hybrid vsock needs a text handshake before ttrpc may start; it is read byte by byte so nothing of
 //! the ttrpc stream is consumed. Every step runs under the caller's deadline, since neither connect
 //! nor the handshake has a timeout of its own.
+//!
+//! A hybrid vsock connection whose `CONNECT` is unanswered is never closed by us, even when the
+//! caller gives up: vhost-device-vsock 0.3 writes the guest's late answer to our side without
+//! checking, and a closed socket panics its vring thread, which ends the agent channel for good
+//! (a paused or slow guest did that). The handshake runs in a task of its own that keeps the socket
+//! until the answer came; at most [`MAX_PENDING_CONNECTS`] such tasks wait at once, after which a
+//! connect fails at once.
 
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -16,6 +24,30 @@ use super::url::AgentUrl;
 
 /// The longest handshake reply line we accept (`OK <port>\n` is a few bytes).
 const MAX_HANDSHAKE_LINE: usize = 128;
+
+/// Hybrid vsock handshakes that may wait for the guest at once (in this process).
+pub(crate) const MAX_PENDING_CONNECTS: usize = 8;
+static PENDING_CONNECTS: AtomicUsize = AtomicUsize::new(0);
+
+/// One of [`MAX_PENDING_CONNECTS`], given back on drop.
+struct PendingConnect;
+
+impl PendingConnect {
+    fn acquire() -> Option<PendingConnect> {
+        PENDING_CONNECTS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_PENDING_CONNECTS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PendingConnect)
+    }
+}
+
+impl Drop for PendingConnect {
+    fn drop(&mut self) {
+        PENDING_CONNECTS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -51,14 +83,30 @@ async fn connect_unbounded(url: &AgentUrl) -> Result<Socket, TransportError> {
             Ok(Socket::new(stream))
         }
         AgentUrl::Hvsock { path, port } => {
-            let mut stream = UnixStream::connect(path).await.map_err(connect_err)?;
-            hybrid_vsock_handshake(&mut stream, *port)
-                .await
-                .map_err(|what| TransportError::Handshake {
-                    url: url.to_string(),
-                    what,
-                })?;
-            Ok(Socket::new(stream))
+            let handshake_err = |what| TransportError::Handshake {
+                url: url.to_string(),
+                what,
+            };
+            let pending = PendingConnect::acquire().ok_or_else(|| {
+                handshake_err(format!(
+                    "{MAX_PENDING_CONNECTS} earlier connections still wait for the guest's answer"
+                ))
+            })?;
+            let stream = UnixStream::connect(path).await.map_err(connect_err)?;
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            let port = *port;
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let result = hybrid_vsock_handshake(&mut stream, port).await;
+                drop(pending);
+                // A caller that gave up drops the receiver: the stream closes here, answered.
+                let _ = answer.send(result.map(|()| stream));
+            });
+            match answered.await {
+                Ok(Ok(stream)) => Ok(Socket::new(stream)),
+                Ok(Err(what)) => Err(handshake_err(what)),
+                Err(_) => Err(handshake_err("the handshake task ended".to_string())),
+            }
         }
         AgentUrl::Vsock { cid, port } => {
             let addr = tokio_vsock::VsockAddr::new(*cid, *port);
@@ -149,6 +197,9 @@ where
 mod tests {
     use super::*;
 
+    /// The pending-connect slots are per process: the tests that use them take turns.
+    static SLOTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     #[tokio::test]
     async fn handshake_accepts_ok_and_leaves_the_rest_unread() {
         let (mut ours, mut theirs) = tokio::io::duplex(256);
@@ -180,6 +231,68 @@ mod tests {
         drop(theirs);
         let err = hybrid_vsock_handshake(&mut ours, 1024).await.unwrap_err();
         assert!(err.contains("closed") || err.contains("sending"), "{err}");
+    }
+
+    /// The peer answers CONNECT only after the caller's deadline: the answer must still find the
+    /// connection open (vhost-device-vsock panics otherwise), and it is closed after that.
+    #[tokio::test]
+    async fn an_unanswered_connect_stays_open_after_the_caller_gives_up() {
+        let _slots = SLOTS.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let peer = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 13];
+            stream.read_exact(&mut buf).await.unwrap();
+            released.await.unwrap();
+            // Written to a closed socket, this would fail with EPIPE or ECONNRESET.
+            let answered = stream.write_all(b"OK 1024\n").await;
+            let mut rest = Vec::new();
+            let closed_after = stream.read_to_end(&mut rest).await;
+            (answered, closed_after.map(|_| rest))
+        });
+        let url = AgentUrl::Hvsock { path, port: 1024 };
+        let err = connect(&url, Duration::from_millis(100))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
+        release.send(()).unwrap();
+        let (answered, closed_after) = peer.await.unwrap();
+        answered.expect("the late answer found the connection open");
+        assert_eq!(closed_after.expect("closed cleanly by us"), b"");
+    }
+
+    #[tokio::test]
+    async fn waiting_connects_are_bounded() {
+        let _slots = SLOTS.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        // A peer that accepts (the kernel's backlog) and never answers.
+        let _listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let url = AgentUrl::Hvsock { path, port: 1024 };
+        for _ in 0..MAX_PENDING_CONNECTS {
+            let err = connect(&url, Duration::from_millis(20))
+                .await
+                .err()
+                .unwrap();
+            assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
+        }
+        let err = connect(&url, Duration::from_secs(5)).await.err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("still wait for the guest's answer"),
+            "{err}"
+        );
+        // Once the peer is gone, the waiting connections end and give their slots back.
+        drop(_listener);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while PENDING_CONNECTS.load(Ordering::Acquire) > 0 {
+            assert!(std::time::Instant::now() < deadline, "slots still taken");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[test]
