@@ -22,7 +22,7 @@ use super::child_process::{child_pid, signal_child, spawn_detached, stop_child, 
 use super::cmdline::{qemu_args, VsockDevice};
 use super::config_checks::{check_config, check_socket_path};
 use super::leftovers::{write_cgroup_record, write_pid_file};
-use super::logs::{log_file, log_tail};
+use super::logs::{log_file, log_tail, LogWatch};
 use super::qmp::qmp_quit;
 use super::sandbox_cgroup::SandboxCgroup;
 use super::state_files::{
@@ -56,6 +56,8 @@ pub struct Vm {
     cgroup: Option<SandboxCgroup>,
     /// Set once the state directory is ours to remove (we created it).
     owns_state_dir: bool,
+    /// How far [`Vm::trouble`] has read the vsock daemon's log, looking for panics.
+    daemon_log: Option<LogWatch>,
 }
 
 impl Vm {
@@ -98,6 +100,7 @@ impl Vm {
             daemon_pid: None,
             cgroup: None,
             owns_state_dir: true,
+            daemon_log: None,
         };
         match vm.boot(cfg, hybrid, started).await {
             Ok(()) => Ok(vm),
@@ -130,6 +133,34 @@ impl Vm {
 
     pub fn timings(&self) -> BootTimings {
         self.timings
+    }
+
+    /// Why the VM can no longer run its guest, if it cannot: QEMU or the vsock daemon exited (and
+    /// is reaped here, so no zombie is left to be reported as running), or a thread of the daemon
+    /// panicked (vhost-device-vsock's process then lives on, but relays nothing). `None` while
+    /// both run, also when QEMU is merely stopped (the guest resumes on SIGCONT).
+    pub(crate) fn trouble(&mut self) -> Option<String> {
+        let qemu = self.qemu.as_mut()?;
+        if let Ok(Some(status)) = qemu.try_wait() {
+            return Some(format!("QEMU (pid {}) exited: {status}", self.qemu_pid));
+        }
+        let daemon = self.daemon.as_mut()?;
+        if let Ok(Some(status)) = daemon.try_wait() {
+            return Some(format!(
+                "the vsock daemon (pid {}) exited: {status}",
+                self.daemon_pid.unwrap_or_default()
+            ));
+        }
+        let log = self.state_dir.join(DAEMON_LOG);
+        self.daemon_log
+            .get_or_insert_with(LogWatch::default)
+            .find(&log, "panicked")
+            .map(|line| {
+                format!(
+                    "the vsock daemon (pid {}) lost a thread: {line}",
+                    self.daemon_pid.unwrap_or_default()
+                )
+            })
     }
 
     /// Stops QEMU (QMP `quit`, then SIGTERM, then SIGKILL), then the vsock daemon, and removes the
