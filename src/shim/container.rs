@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::stdio::StdioPaths;
+use super::vm_fate::VmFate;
 use crate::agent_client::AgentClient;
 use crate::protocols::oci as grpc;
 
@@ -29,6 +30,8 @@ pub(crate) struct Container {
     pub(crate) pid: u32,
     /// The sandbox's agent, which runs this container.
     pub(crate) agent: Arc<AgentClient>,
+    /// Whether the sandbox's VM still runs the guest.
+    pub(crate) vm: Arc<VmFate>,
     /// The sandbox's shared directory, where this container's rootfs is bound.
     pub(crate) shared_dir: PathBuf,
     pub(crate) init: Arc<Process>,
@@ -42,6 +45,7 @@ impl Container {
         stdio: StdioPaths,
         pid: u32,
         agent: Arc<AgentClient>,
+        vm: Arc<VmFate>,
         shared_dir: PathBuf,
     ) -> Container {
         Container {
@@ -49,6 +53,7 @@ impl Container {
             bundle,
             pid,
             agent,
+            vm,
             shared_dir,
             init: Arc::new(Process::new(String::new(), stdio, None)),
             execs: Mutex::new(HashMap::new()),
@@ -183,7 +188,15 @@ mod tests {
         let url = "unix:///nonexistent/agent.sock".parse().expect("agent url");
         let agent = Arc::new(AgentClient::new(url, Default::default()));
         let stdio = StdioPaths::default();
-        Container::new("c1".into(), "/b".into(), stdio, 1, agent, "/s".into())
+        Container::new(
+            "c1".into(),
+            "/b".into(),
+            stdio,
+            1,
+            agent,
+            Arc::default(),
+            "/s".into(),
+        )
     }
 
     #[test]

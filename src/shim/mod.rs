@@ -14,4 +14,5 @@ pub mod service;
 pub(crate) mod stats;
 pub(crate) mod stdio;
 pub(crate) mod task;
+pub(crate) mod vm_fate;
 pub(crate) mod waiter;

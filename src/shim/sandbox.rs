@@ -13,6 +13,7 @@ use super::metrics::registry;
 use super::network::{self, NetworkError};
 use super::oci::{GUEST_SHARED_DIR, SHARED_TAG};
 use super::rootfs;
+use super::vm_fate::{VmFate, VmLoss};
 use crate::agent_client::{AgentClient, AgentError};
 use crate::mgmt::server::{remove_sandbox_files, MgmtServer};
 use crate::mgmt::PodIdentity;
@@ -66,6 +67,8 @@ pub(crate) struct Sandbox {
     pub(crate) id: String,
     pub(crate) dirs: SandboxDirs,
     pub(crate) agent: Arc<AgentClient>,
+    /// Whether the VM still runs the guest; every container of the sandbox shares it.
+    pub(crate) fate: Arc<VmFate>,
     vm: Vm,
     mgmt: Option<MgmtServer>,
 }
@@ -185,9 +188,32 @@ impl Sandbox {
             id: id.to_string(),
             dirs,
             agent,
+            fate: Arc::default(),
             vm,
             mgmt,
         })
+    }
+
+    /// Why the VM can no longer run the guest ([`Vm::trouble`]); `None` once it is lost.
+    pub(crate) fn vm_trouble(&mut self) -> Option<String> {
+        if self.fate.loss().is_some() {
+            return None;
+        }
+        self.vm.trouble()
+    }
+
+    /// Stops the VM and records it as lost, which ends the waits of the sandbox's processes; the
+    /// rest of the sandbox stays for [`Sandbox::stop`].
+    pub(crate) async fn lose_vm(&mut self, loss: VmLoss) {
+        tracing::error!(
+            sandbox = self.id,
+            reason = loss.reason,
+            "the VM cannot run the guest any more; stopping it"
+        );
+        if let Err(err) = self.vm.stop().await {
+            tracing::warn!(sandbox = self.id, "stopping the VM: {err}");
+        }
+        self.fate.lose(loss);
     }
 
     /// The VMM's pid: what containerd sees as every task's pid.
@@ -198,16 +224,8 @@ impl Sandbox {
     /// Tears the sandbox down: guest sandbox, metrics server, VM, and every file of it.
     pub(crate) async fn stop(mut self) {
         tracing::info!(sandbox = self.id, "stopping the sandbox");
-        let destroy = self
-            .agent
-            .destroy_sandbox(agent::DestroySandboxRequest::new());
-        match tokio::time::timeout(DESTROY_TIMEOUT, destroy).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => tracing::warn!(sandbox = self.id, "DestroySandbox: {err}"),
-            Err(_) => tracing::warn!(
-                sandbox = self.id,
-                "DestroySandbox: no answer within {DESTROY_TIMEOUT:?}"
-            ),
+        if self.fate.loss().is_none() {
+            self.destroy_guest_sandbox().await;
         }
         if let Some(mgmt) = self.mgmt {
             if tokio::time::timeout(STEP_TIMEOUT, mgmt.shutdown())
@@ -228,6 +246,53 @@ impl Sandbox {
         }
         remove_dirs(&self.dirs, &self.id);
         tracing::info!(sandbox = self.id, "sandbox stopped");
+    }
+}
+
+impl Sandbox {
+    async fn destroy_guest_sandbox(&self) {
+        let destroy = self
+            .agent
+            .destroy_sandbox(agent::DestroySandboxRequest::new());
+        match tokio::time::timeout(DESTROY_TIMEOUT, destroy).await {
+            Ok(Ok(_)) => {}
+            // The guest powers off as it answers: a connection that ends is what we asked for.
+            Ok(Err(err)) if err.code().is_none() => {
+                tracing::debug!(sandbox = self.id, "DestroySandbox: {err}")
+            }
+            Ok(Err(err)) => tracing::warn!(sandbox = self.id, "DestroySandbox: {err}"),
+            Err(_) => tracing::warn!(
+                sandbox = self.id,
+                "DestroySandbox: no answer within {DESTROY_TIMEOUT:?}"
+            ),
+        }
+    }
+}
+
+/// How often the watchdog looks at the VM's processes.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The slot's watchdog, for as long as it holds a sandbox whose VM runs: a VM that can no longer
+/// run the guest ([`Sandbox::vm_trouble`]) is stopped and lost, within one interval.
+pub(crate) async fn watch_vm(slot: SandboxSlot) {
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let mut guard = slot.lock().await;
+        let Some(sandbox) = guard.as_mut() else {
+            return;
+        };
+        if sandbox.fate.loss().is_some() {
+            return;
+        }
+        if let Some(reason) = sandbox.vm_trouble() {
+            sandbox
+                .lose_vm(VmLoss {
+                    reason,
+                    killed: false,
+                })
+                .await;
+            return;
+        }
     }
 }
 

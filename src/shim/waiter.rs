@@ -11,12 +11,47 @@ use tokio::task::JoinHandle;
 
 use super::container::{Container, Exit, Process};
 use super::events::{timestamp, Events};
+use super::vm_fate::UNKNOWN_EXIT;
 use crate::protocols::agent;
 
 /// How long a finished process's output may take to drain before its exit is reported.
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Exit status reported when the guest could not tell us one (VM gone, agent lost).
-const UNKNOWN_EXIT: u32 = 255;
+/// How long a waiter whose connection to the agent broke waits before it asks again.
+const RETRY_WAIT: Duration = Duration::from_secs(1);
+
+/// The process's exit status as the guest reports it. A wait cut short by the connection (a
+/// stalled guest, a relay that dropped it) is asked again for as long as the VM runs; once the VM
+/// is lost, its processes end with it.
+async fn exit_status(container: &Container, process: &Process) -> u32 {
+    let wait = agent::WaitProcessRequest::of(&container.id, &process.exec_id);
+    loop {
+        let reply = tokio::select! {
+            reply = container.agent.wait_process(wait.clone()) => reply,
+            loss = container.vm.lost() => return loss.exit_status(),
+        };
+        match reply {
+            Ok(reply) => return u32::try_from(reply.status).unwrap_or(UNKNOWN_EXIT),
+            // The agent answered: it has no exit to give.
+            Err(e) if e.code().is_some() => {
+                tracing::warn!(
+                    container = container.id,
+                    exec = process.exec_id,
+                    "WaitProcess: {e}"
+                );
+                return UNKNOWN_EXIT;
+            }
+            Err(e) => tracing::debug!(
+                container = container.id,
+                exec = process.exec_id,
+                "WaitProcess: {e}; asking again while the VM runs"
+            ),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY_WAIT) => {}
+            loss = container.vm.lost() => return loss.exit_status(),
+        }
+    }
+}
 
 pub(crate) async fn wait_for_exit(
     container: Arc<Container>,
@@ -25,18 +60,7 @@ pub(crate) async fn wait_for_exit(
     out: JoinHandle<()>,
     err: JoinHandle<()>,
 ) {
-    let wait = agent::WaitProcessRequest::of(&container.id, &process.exec_id);
-    let status = match container.agent.wait_process(wait).await {
-        Ok(reply) => u32::try_from(reply.status).unwrap_or(UNKNOWN_EXIT),
-        Err(e) => {
-            tracing::warn!(
-                container = container.id,
-                exec = process.exec_id,
-                "WaitProcess: {e}"
-            );
-            UNKNOWN_EXIT
-        }
-    };
+    let status = exit_status(&container, &process).await;
     // `ctr run` prints output until EOF: report the exit only after the output got out.
     for copy in [out, err] {
         let abort = copy.abort_handle();

@@ -6,7 +6,12 @@ use containerd_shim::api::{CloseIORequest, Empty, KillRequest, ResizePtyRequest,
 use super::error::{ProcessName, TaskError};
 use super::TaskService;
 use crate::protocols::agent;
+use crate::shim::vm_fate::VmLoss;
 use crate::shim::waiter;
+
+const SIGKILL: u32 = 9;
+/// How long a SIGKILL of the sandbox's container waits for the agent before it stops the VM.
+const FORCED_KILL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl TaskService {
     pub(super) async fn kill_process(&self, req: KillRequest) -> Result<Empty, TaskError> {
@@ -21,14 +26,37 @@ impl TaskService {
             _ => {}
         }
         let signal = agent::SignalProcessRequest::of(&req.id, &process.exec_id, req.signal);
-        container
-            .agent
-            .signal_process(signal)
-            .await
-            .map_err(|source| TaskError::Signal {
+        let sent = container.agent.signal_process(signal);
+        // SIGKILL of the sandbox's own container may not wait on the guest: it has a deadline of
+        // its own and, with the agent unreachable (a frozen or broken guest), stops the VM.
+        let forced = req.signal == SIGKILL && process.is_init() && container.id == self.shim_id;
+        if !forced {
+            sent.await.map_err(|source| TaskError::Signal {
                 process: name(),
                 source: Box::new(source),
             })?;
+            return Ok(Empty::new());
+        }
+        let failure = match tokio::time::timeout(FORCED_KILL_DEADLINE, sent).await {
+            Ok(Ok(_)) => return Ok(Empty::new()),
+            // The agent answered (e.g. the process is gone already): nothing to force.
+            Ok(Err(source)) if source.code().is_some() => {
+                return Err(TaskError::Signal {
+                    process: name(),
+                    source: Box::new(source),
+                })
+            }
+            Ok(Err(source)) => source.to_string(),
+            Err(_) => format!("no answer within {FORCED_KILL_DEADLINE:?}"),
+        };
+        if let Some(sandbox) = self.sandbox.lock().await.as_mut() {
+            sandbox
+                .lose_vm(VmLoss {
+                    reason: format!("SIGKILL while the agent cannot be reached ({failure})"),
+                    killed: true,
+                })
+                .await;
+        }
         Ok(Empty::new())
     }
 

@@ -14,7 +14,7 @@ use crate::protocols::agent;
 use crate::shim::container::Container;
 use crate::shim::oci;
 use crate::shim::rootfs;
-use crate::shim::sandbox::Sandbox;
+use crate::shim::sandbox::{self, Sandbox};
 use crate::shim::stdio::StdioPaths;
 
 impl TaskService {
@@ -50,12 +50,14 @@ impl TaskService {
                     .await
                     .map_err(Box::new)?;
             *sandbox_slot = Some(sandbox);
+            tokio::spawn(sandbox::watch_vm(self.sandbox.clone()));
         }
         let Some(sandbox) = sandbox_slot.as_ref() else {
             return Err(TaskError::SandboxGone);
         };
-        let (agent, shared_dir, pid) = (
+        let (agent, fate, shared_dir, pid) = (
             sandbox.agent.clone(),
+            sandbox.fate.clone(),
             sandbox.dirs.shared.clone(),
             sandbox.pid(),
         );
@@ -100,6 +102,7 @@ impl TaskService {
             stdio,
             pid,
             agent,
+            fate,
             shared_dir,
         ));
         lock(&self.containers).insert(req.id.clone(), container);

@@ -98,6 +98,7 @@ pub(super) fn add_container(service: &TaskService, id: &str, agent_url: &str) ->
         StdioPaths::default(),
         VMM_PID,
         agent,
+        Arc::default(),
         "/nonexistent/shared".into(),
     ));
     lock(&service.containers).insert(id.to_string(), container.clone());
