@@ -495,6 +495,49 @@ async fn hung_and_broken_shims_are_counted_and_do_not_stall_the_others() {
     );
 }
 
+/// A shim that goes away while it is being scraped (its sandbox was deleted): it removes its
+/// socket and directory on the first request and closes the connection without an answer.
+async fn vanishing_shim(run_dir: &Path, id: &str) -> tokio::task::JoinHandle<()> {
+    use tokio::io::AsyncReadExt;
+    let dir = run_dir.join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let listener = tokio::net::UnixListener::bind(dir.join("shim-monitor.sock")).unwrap();
+    tokio::spawn(async move {
+        if let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_deleted_during_a_scrape_is_not_a_failure() {
+    let dir = support::temp_dir();
+    let run_dir = dir.path().join("sbs");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let good = start_sandbox(dir.path(), &run_dir, "stays");
+    let leaving = support::unique_id("leaving");
+    let _shim = vanishing_shim(&run_dir, &leaving).await;
+    let (_monitor, port) = start_monitor(&[&run_dir], &[]);
+    wait_for_sandboxes(port, "both", |ids| ids.len() == 2).await;
+
+    let all = prom::samples(&metrics(port).await);
+    assert_eq!(
+        prom::value(&all, "kata_monitor_scrape_failed_count", &[]),
+        Some(0.0),
+        "a sandbox that left was counted as failed"
+    );
+    assert_eq!(
+        prom::value(&all, "kata_monitor_sandbox_up", &[("sandbox_id", &leaving)]),
+        None
+    );
+    assert_eq!(
+        prom::value(&all, "kata_monitor_sandbox_up", &[("sandbox_id", &good.id)]),
+        Some(1.0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_prometheus_scrapes_the_monitor() {
     let dir = support::temp_dir();

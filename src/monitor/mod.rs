@@ -109,12 +109,15 @@ impl Monitor {
                     };
                     sources.push((host_labels(id, &pod.pairs()), ok.body.families));
                 }
+                // Deleted while it was being scraped (discovery has not seen it go yet): a
+                // sandbox that left, not one that failed.
+                Err(err) if !present || scraped.sandbox.socket_is_gone() => {
+                    tracing::debug!(sandbox = %id, error = %err, "sandbox left during the scrape");
+                }
                 Err(err) => {
                     tracing::warn!(sandbox = %id, reason = err.reason(), error = %err, "sandbox not scraped");
                     self.metrics.failed.inc();
-                    if present {
-                        self.metrics.sandbox_up.with_label_values(&[id]).set(0);
-                    }
+                    self.metrics.sandbox_up.with_label_values(&[id]).set(0);
                 }
             }
         }

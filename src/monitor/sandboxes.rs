@@ -22,6 +22,15 @@ pub(crate) struct Sandbox {
 }
 
 impl Sandbox {
+    /// Whether the sandbox's socket file is gone (its shim removed it on the way out). An
+    /// abstract socket leaves no trace to check.
+    pub(crate) fn socket_is_gone(&self) -> bool {
+        match &self.socket {
+            SocketAddress::File(path) => !path.exists(),
+            SocketAddress::Abstract(_) => false,
+        }
+    }
+
     pub(crate) fn new(id: String, socket: SocketAddress) -> Self {
         Sandbox {
             id,
