@@ -576,3 +576,76 @@ fn a_pods_figures_match_the_guest_and_its_host_cost_is_the_pods() {
     pod.remove();
     assert_clean(&env, &pod.id);
 }
+
+fn resources(memory: i64, quota: i64) -> k8s_cri::v1::LinuxContainerResources {
+    k8s_cri::v1::LinuxContainerResources {
+        memory_limit_in_bytes: memory,
+        // kubelet's swap limit for a pod without swap: the memory limit.
+        memory_swap_limit_in_bytes: memory,
+        cpu_quota: quota,
+        cpu_period: 100_000,
+        cpu_shares: 256,
+        ..Default::default()
+    }
+}
+
+#[test]
+#[ignore = "boots the guest image under containerd's CRI plugin: `make test` runs it (KSM_GUEST_DIR, --include-ignored)"]
+fn a_containers_limits_hold_in_the_guest_and_change_live() {
+    let guest = support::guest_dir();
+    let env = Containerd::start_cri(&guest);
+    let kubelet = Kubelet::connect(&env);
+    let pod = kubelet.run_pod("limits");
+    let capped = pod.create_container_with(
+        "capped",
+        &after_go("exec dd if=/dev/zero of=/dev/null bs=96M count=1")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        Some(resources(48 << 20, 50_000)),
+    );
+    pod.start_container(&capped);
+    let cgroup = guest_cgroup(&pod, &capped);
+    let read = |file: &str| exec_text(&pod, &capped, &["cat", &format!("{cgroup}/{file}")]);
+    assert_eq!(read("memory.max").trim(), (48u64 << 20).to_string());
+    assert_eq!(read("memory.swap.max").trim(), "0");
+    assert_eq!(read("cpu.max").trim(), "50000 100000");
+    // 256 shares (a quarter CPU requested) is cgroup v2 weight 10.
+    assert_eq!(read("cpu.weight").trim(), "10");
+
+    // An in-place resize reaches the guest.
+    pod.update_resources(&capped, resources(64 << 20, 20_000));
+    assert_eq!(read("memory.max").trim(), (64u64 << 20).to_string());
+    assert_eq!(read("cpu.max").trim(), "20000 100000");
+
+    // 96 MiB in a 64 MiB container: the guest's OOM killer ends it, and the cgroups count it
+    // (the parent of the containers' cgroups, since the container's goes with its task).
+    let watcher = run(&pod, "watcher", &["sleep".into(), "600".into()]);
+    let parent = cgroup
+        .rsplit_once('/')
+        .expect("a parent cgroup")
+        .0
+        .to_string();
+    let oom_kills = || -> u64 {
+        let events = exec_text(&pod, &watcher, &["cat", &format!("{parent}/memory.events")]);
+        events
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no oom_kill in memory.events: {events}"))
+    };
+    let oom_kills_before = oom_kills();
+    exec_text(&pod, &capped, &["touch", "/tmp/go"]);
+    wait_until("capped is OOM-killed", Duration::from_secs(60), || {
+        pod.container_status(&capped)
+            .status
+            .is_some_and(|s| s.state() == k8s_cri::v1::ContainerState::ContainerExited)
+    });
+    let status = pod.container_status(&capped).status.expect("a status");
+    assert_eq!(status.exit_code, 137, "{status:?}");
+    assert_eq!(oom_kills(), oom_kills_before + 1, "the guest's OOM kills");
+
+    pod.stop();
+    pod.remove();
+    assert_clean(&env, &pod.id);
+}

@@ -62,6 +62,8 @@ agent_rpcs! {
     agent.start_container(agent::StartContainerRequest) -> Empty, request;
     /// Kills the container if it runs and forgets it.
     agent.remove_container(agent::RemoveContainerRequest) -> Empty, request_and_exit_wait;
+    /// The container's new limits (CRI UpdateContainerResources), applied to its guest cgroup.
+    agent.update_container(agent::UpdateContainerRequest) -> Empty, request;
     /// The container's resource usage measured in the guest (cgroup and network figures).
     agent.stats_container(agent::StatsContainerRequest) -> agent::StatsContainerResponse, request;
     /// Creates and starts one more process in a running container.

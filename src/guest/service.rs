@@ -110,6 +110,18 @@ impl agent_ttrpc::AgentService for AgentService {
             .map(|_| empty())
     }
 
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        let resources = req.resources.into_option().unwrap_or_default();
+        self.containers
+            .update(&req.container_id, &resources)
+            .await
+            .map(|_| empty())
+    }
+
     async fn stats_container(
         &self,
         _ctx: &TtrpcContext,

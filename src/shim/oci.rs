@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 
 use super::sandbox::SandboxSpec;
 use crate::protocols::oci as grpc;
@@ -102,6 +102,36 @@ pub(crate) fn cgroups_path(spec: &Spec) -> Option<String> {
         .filter(|path| !path.is_empty())
 }
 
+/// The limits of `resources` that the agent applies (memory, CPU, pids), in Kata's messages.
+pub(crate) fn agent_resources(resources: &LinuxResources) -> grpc::LinuxResources {
+    let memory = resources.memory().as_ref().map(|m| grpc::LinuxMemory {
+        Limit: m.limit().unwrap_or(0),
+        Reservation: m.reservation().unwrap_or(0),
+        Swap: m.swap().unwrap_or(0),
+        Swappiness: m.swappiness().unwrap_or(0),
+        DisableOOMKiller: m.disable_oom_killer().unwrap_or(false),
+        ..Default::default()
+    });
+    let cpu = resources.cpu().as_ref().map(|c| grpc::LinuxCPU {
+        Shares: c.shares().unwrap_or(0),
+        Quota: c.quota().unwrap_or(0),
+        Period: c.period().unwrap_or(0),
+        Cpus: c.cpus().clone().unwrap_or_default(),
+        Mems: c.mems().clone().unwrap_or_default(),
+        ..Default::default()
+    });
+    let pids = resources.pids().as_ref().map(|p| grpc::LinuxPids {
+        Limit: p.limit(),
+        ..Default::default()
+    });
+    grpc::LinuxResources {
+        Memory: memory.into(),
+        CPU: cpu.into(),
+        Pids: pids.into(),
+        ..Default::default()
+    }
+}
+
 /// The container's root inside the guest.
 pub(crate) fn guest_rootfs(container_id: &str) -> String {
     format!("{GUEST_SHARED_DIR}/{container_id}/rootfs")
@@ -160,6 +190,7 @@ pub(crate) fn to_agent_spec(
     if let Some(linux) = spec.linux() {
         out.Linux = Some(grpc::Linux {
             Sysctl: linux.sysctl().clone().unwrap_or_else(HashMap::new),
+            Resources: linux.resources().as_ref().map(agent_resources).into(),
             CgroupsPath: linux
                 .cgroups_path()
                 .as_ref()

@@ -196,6 +196,16 @@ impl Pod<'_> {
 
     /// CreateContainer of a busybox container named `name` running `command`; returns its id.
     pub fn create_container(&self, name: &str, command: &[&str]) -> String {
+        self.create_container_with(name, command, None)
+    }
+
+    /// CreateContainer with kubelet's resources (limits and requests) for the container.
+    pub fn create_container_with(
+        &self,
+        name: &str,
+        command: &[&str],
+        resources: Option<LinuxContainerResources>,
+    ) -> String {
         let request = CreateContainerRequest {
             pod_sandbox_id: self.id.clone(),
             config: Some(ContainerConfig {
@@ -209,7 +219,10 @@ impl Pod<'_> {
                 }),
                 command: command.iter().map(|s| s.to_string()).collect(),
                 log_path: format!("{name}.log"),
-                linux: Some(LinuxContainerConfig::default()),
+                linux: Some(LinuxContainerConfig {
+                    resources,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             sandbox_config: Some(self.config.clone()),
@@ -222,6 +235,19 @@ impl Pod<'_> {
             .container_id;
         self.containers.borrow_mut().push(id.clone());
         id
+    }
+
+    /// UpdateContainerResources, as kubelet sends it for an in-place resize.
+    pub fn update_resources(&self, id: &str, resources: LinuxContainerResources) {
+        let request = UpdateContainerResourcesRequest {
+            container_id: id.to_string(),
+            linux: Some(resources),
+            ..Default::default()
+        };
+        self.kubelet
+            .must("UpdateContainerResources", |mut c| async move {
+                c.update_container_resources(request).await
+            });
     }
 
     pub fn start_container(&self, id: &str) {

@@ -36,6 +36,7 @@
 pub mod cgroup;
 pub(crate) mod cgroup_stats;
 pub mod init;
+pub(crate) mod limits;
 pub mod spawn;
 pub(crate) mod spec;
 pub(crate) mod state;
@@ -226,6 +227,11 @@ impl Containers {
                 "CreateContainer without an OCI spec",
             )
         })?;
+        let resources = spec
+            .Linux
+            .as_ref()
+            .and_then(|linux| linux.Resources.as_ref())
+            .cloned();
         let init = Process::create_init(&self.reaper, format!("container {id:?}"), spec).await?;
         // The init waits for StartContainer now: moved in before it execs, everything the
         // program starts is in the cgroup.
@@ -239,6 +245,17 @@ impl Containers {
                     None
                 }
             });
+        if let (Some(cgroup), Some(resources)) = (&cgroup, &resources) {
+            // Before the program runs: it never sees itself without its limits.
+            if let Err(err) = limits::apply(cgroup.path(), resources) {
+                init.kill(&self.reaper, Signal::SIGKILL);
+                cgroup.remove().await;
+                return Err(status(
+                    Code::INVALID_ARGUMENT,
+                    format!("container {id:?}: {err}"),
+                ));
+            }
+        }
         let mut map = self.map();
         if map.contains_key(&id) {
             // Lost a race with a concurrent create of the same id (whose cgroup this is too).
@@ -292,6 +309,23 @@ impl Containers {
             cgroup.remove().await;
         }
         Ok(())
+    }
+
+    /// UpdateContainer: the container's new limits, in its cgroup.
+    pub(crate) async fn update(
+        &self,
+        id: &str,
+        resources: &crate::protocols::oci::LinuxResources,
+    ) -> RpcResult<()> {
+        let container = self.get(id)?;
+        let Some(cgroup) = &container.cgroup else {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {id:?} has no cgroup to apply limits to"),
+            ));
+        };
+        limits::apply(cgroup.path(), resources)
+            .map_err(|err| status(Code::INVALID_ARGUMENT, format!("container {id:?}: {err}")))
     }
 
     /// The container's resource usage (see the module docs).

@@ -1,11 +1,14 @@
-//! Acting on a started process: Kill (a signal through the agent), CloseIO (end its stdin) and
-//! ResizePty (its terminal's size).
+//! Acting on a started process: Kill (a signal through the agent), CloseIO (end its stdin),
+//! ResizePty (its terminal's size) and Update (its container's limits, in the guest).
 
-use containerd_shim::api::{CloseIORequest, Empty, KillRequest, ResizePtyRequest, Status};
+use containerd_shim::api::{
+    CloseIORequest, Empty, KillRequest, ResizePtyRequest, Status, UpdateTaskRequest,
+};
 
 use super::error::{ProcessName, TaskError};
 use super::TaskService;
 use crate::protocols::agent;
+use crate::shim::oci;
 use crate::shim::vm_fate::VmLoss;
 use crate::shim::waiter;
 
@@ -76,6 +79,43 @@ impl TaskService {
                 });
             }
         }
+        Ok(Empty::new())
+    }
+
+    /// CRI's UpdateContainerResources: containerd sends the new OCI `LinuxResources` as JSON.
+    pub(super) async fn update_resources(
+        &self,
+        req: UpdateTaskRequest,
+    ) -> Result<Empty, TaskError> {
+        let container = self.container(&req.id)?;
+        let bad = |what: String| TaskError::BadResources {
+            id: req.id.clone(),
+            what,
+        };
+        let any = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| bad("the request has no resources".to_string()))?;
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
+            .map_err(|e| {
+                bad(format!(
+                    "{} is not OCI LinuxResources JSON: {e}",
+                    any.type_url
+                ))
+            })?;
+        let update = agent::UpdateContainerRequest {
+            container_id: req.id.clone(),
+            resources: Some(oci::agent_resources(&resources)).into(),
+            ..Default::default()
+        };
+        container
+            .agent
+            .update_container(update)
+            .await
+            .map_err(|source| TaskError::UpdateResources {
+                id: req.id.clone(),
+                source: Box::new(source),
+            })?;
         Ok(Empty::new())
     }
 
@@ -192,6 +232,40 @@ mod tests {
             (
                 Code::INTERNAL,
                 format!(r#"signalling exec "e1" of container "c2": {NO_AGENT_ERROR}"#)
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn resources_must_be_oci_json_and_go_to_the_agent() {
+        use protobuf::well_known_types::any::Any;
+        let (shim, _) = service();
+        add_running_container(&shim, "c1");
+        let update = |value: &str| UpdateTaskRequest {
+            id: "c1".to_string(),
+            resources: Some(Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+                    .to_string(),
+                value: value.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        let (code, message) = refusal(shim.update(&ctx(), update("{not json")).await);
+        assert_eq!(code, Code::INVALID_ARGUMENT);
+        assert!(
+            message.starts_with(r#"updating the resources of "c1": types.containerd.io/opencontainers/runtime-spec/1/LinuxResources is not OCI LinuxResources JSON"#),
+            "{message}"
+        );
+        assert_eq!(
+            refusal(
+                shim.update(&ctx(), update(r#"{"memory": {"limit": 1048576}}"#))
+                    .await
+            ),
+            (
+                Code::INTERNAL,
+                format!(r#"updating the resources of "c1": {NO_AGENT_ERROR}"#)
             )
         );
     }

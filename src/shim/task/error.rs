@@ -107,6 +107,10 @@ pub(crate) enum TaskError {
     ReadStats { id: String, source: Box<AgentError> },
     #[error("encoding the stats of {id:?}: {source}")]
     EncodeStats { id: String, source: protobuf::Error },
+    #[error("updating the resources of {id:?}: {what}")]
+    BadResources { id: String, what: String },
+    #[error("updating the resources of {id:?}: {source}")]
+    UpdateResources { id: String, source: Box<AgentError> },
     #[error("resizing the terminal of {process}: {source}")]
     ResizePty {
         process: ProcessName,
@@ -146,7 +150,9 @@ impl TaskError {
             | TaskError::Signal { .. }
             | TaskError::ReadStats { .. }
             | TaskError::EncodeStats { .. }
+            | TaskError::UpdateResources { .. }
             | TaskError::ResizePty { .. } => Code::INTERNAL,
+            TaskError::BadResources { .. } => Code::INVALID_ARGUMENT,
         }
     }
 }
