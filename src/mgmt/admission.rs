@@ -6,7 +6,9 @@
 //! - An admitted connection that has not sent a complete request head is *waiting*. Until its first
 //!   byte it holds its socket and nothing else (no request buffer); it is closed when its head is not
 //!   complete by the head deadline, or when a newer connection needs its slot: a peer at its own cap
-//!   loses its own oldest waiting connection, and a full server its oldest waiting one.
+//!   loses its own oldest waiting connection, and a full server its oldest waiting one. Connections
+//!   that have sent nothing go first (the kernel is asked, so a head that has just arrived counts
+//!   even before its task has run).
 //! - Once its head is in, a connection is *served* under the serve deadline and cannot be pushed out.
 //!
 //! Real clients (Prometheus, kata-monitor, kata-runtime) send their head at once, so they leave the
@@ -15,6 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::hash::Hash;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -61,8 +64,13 @@ struct Room<K> {
 
 struct Waiting<K> {
     peer: K,
+    /// The connection's socket, only ever peeked at (see [`has_sent_nothing`]).
+    fd: RawFd,
     evict: oneshot::Sender<()>,
 }
+
+/// Waiting connections looked at for one that has sent nothing, before the oldest goes regardless.
+const SILENT_SCAN: usize = 64;
 
 impl<K: Eq + Hash + Copy> Room<K> {
     fn release(&mut self, peer: K) {
@@ -80,13 +88,20 @@ impl<K: Eq + Hash + Copy> Room<K> {
         *self.per_peer.entry(peer).or_default() += 1;
     }
 
-    /// Pushes out the oldest waiting connection (of `peer` only, when given); false if none waits.
+    /// Pushes out a waiting connection (of `peer` only, when given): the oldest that has sent
+    /// nothing, else the oldest. False if none waits.
     fn evict_oldest(&mut self, peer: Option<K>) -> bool {
-        let id = self
+        let mut candidates = self
             .waiting
             .iter()
-            .find(|(_, waiting)| peer.map_or(true, |peer| waiting.peer == peer))
-            .map(|(id, _)| *id);
+            .filter(|(_, waiting)| peer.map_or(true, |peer| waiting.peer == peer))
+            .take(SILENT_SCAN)
+            .peekable();
+        let oldest = candidates.peek().map(|(id, _)| **id);
+        let id = candidates
+            .find(|(_, waiting)| has_sent_nothing(waiting.fd))
+            .map(|(id, _)| *id)
+            .or(oldest);
         let Some(waiting) = id.and_then(|id| self.waiting.remove(&id)) else {
             return false;
         };
@@ -95,6 +110,18 @@ impl<K: Eq + Hash + Copy> Room<K> {
         let _ = waiting.evict.send(());
         true
     }
+}
+
+/// True unless the socket has bytes waiting to be read: a client that connected and has sent
+/// nothing (or has gone). A peek reads nothing. Should `fd` have been closed and reused meanwhile (a
+/// ticket frees its room entry just after its socket), the answer only makes a worse choice of
+/// whom to push out.
+fn has_sent_nothing(fd: RawFd) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    !matches!(
+        recv(fd, &mut [0u8; 1], MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
+        Ok(n) if n > 0
+    )
 }
 
 impl<K: Eq + Hash + Copy> Admission<K> {
@@ -116,8 +143,10 @@ impl<K: Eq + Hash + Copy> Admission<K> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A slot for a new connection from `peer`, pushing out a waiting one if that is what it takes.
-    pub(crate) fn admit(self: &Arc<Self>, peer: K) -> Result<Ticket<K>, Rejected> {
+    /// A slot for a new connection from `peer` on socket `fd`, pushing out a waiting one if that is
+    /// what it takes. `fd` is only ever peeked at while the connection waits (see
+    /// [`has_sent_nothing`] for a socket closed before its ticket is dropped).
+    pub(crate) fn admit(self: &Arc<Self>, peer: K, fd: RawFd) -> Result<Ticket<K>, Rejected> {
         let mut room = self.room();
         let of_peer = room.per_peer.get(&peer).copied().unwrap_or(0);
         if of_peer >= self.limits.max_per_peer && !room.evict_oldest(Some(peer)) {
@@ -130,7 +159,7 @@ impl<K: Eq + Hash + Copy> Admission<K> {
         let id = room.next_id;
         room.next_id += 1;
         let (evict, evicted) = oneshot::channel();
-        room.waiting.insert(id, Waiting { peer, evict });
+        room.waiting.insert(id, Waiting { peer, fd, evict });
         Ok(Ticket {
             admission: self.clone(),
             id,
@@ -314,6 +343,10 @@ pub(crate) fn plain_response(status: &str, extra_headers: &str, body: &str) -> V
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
     use super::*;
 
     fn limits(max_open: usize, max_per_peer: usize) -> Limits {
@@ -323,6 +356,17 @@ mod tests {
             head_deadline: Duration::from_secs(1),
             serve_deadline: Duration::from_secs(10),
         }
+    }
+
+    /// A connected socket pair: (server side, client side).
+    fn connection() -> (UnixStream, UnixStream) {
+        UnixStream::pair().unwrap()
+    }
+
+    fn admit(admission: &Arc<Admission<u32>>, peer: u32) -> (Ticket<u32>, UnixStream, UnixStream) {
+        let (server, client) = connection();
+        let ticket = admission.admit(peer, server.as_raw_fd()).unwrap();
+        (ticket, server, client)
     }
 
     fn pushed_out(ticket: &mut Ticket<u32>) -> bool {
@@ -335,10 +379,10 @@ mod tests {
     #[test]
     fn a_full_server_pushes_out_its_oldest_waiting_connection() {
         let admission = Admission::new(limits(3, 3));
-        let mut idle: Vec<_> = (0..3).map(|_| admission.admit(7).unwrap()).collect();
-        let newcomer = admission.admit(8).unwrap();
-        assert!(pushed_out(&mut idle[0]));
-        assert!(!pushed_out(&mut idle[1]) && !pushed_out(&mut idle[2]));
+        let mut idle: Vec<_> = (0..3).map(|_| admit(&admission, 7)).collect();
+        let newcomer = admit(&admission, 8);
+        assert!(pushed_out(&mut idle[0].0));
+        assert!(!pushed_out(&mut idle[1].0) && !pushed_out(&mut idle[2].0));
         assert_eq!(admission.counts(7), (3, 3, 2));
         // The pushed-out ticket's slot was released already; dropping it frees nothing twice.
         drop(idle.remove(0));
@@ -352,37 +396,70 @@ mod tests {
     #[test]
     fn a_peer_at_its_cap_pushes_out_only_its_own() {
         let admission = Admission::new(limits(10, 2));
-        let mut other = admission.admit(1).unwrap();
-        let mut first = admission.admit(2).unwrap();
-        let _second = admission.admit(2).unwrap();
-        let _third = admission.admit(2).unwrap();
-        assert!(pushed_out(&mut first));
-        assert!(!pushed_out(&mut other));
+        let mut other = admit(&admission, 1);
+        let mut first = admit(&admission, 2);
+        let _second = admit(&admission, 2);
+        let _third = admit(&admission, 2);
+        assert!(pushed_out(&mut first.0));
+        assert!(!pushed_out(&mut other.0));
         assert_eq!(admission.counts(2), (3, 3, 2));
+    }
+
+    #[test]
+    fn a_connection_whose_request_has_arrived_is_passed_over_for_a_silent_one() {
+        let admission = Admission::new(limits(10, 3));
+        let (mut early, _server, mut client) = admit(&admission, 5);
+        // Its head is in the kernel's buffer, though its task has not looked yet.
+        client.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+        let mut silent = admit(&admission, 5);
+        // The client hung up: nothing to serve either.
+        let mut gone = admit(&admission, 5);
+        drop(gone.2);
+        let _newcomer = admit(&admission, 5);
+        assert!(!pushed_out(&mut early));
+        assert!(pushed_out(&mut silent.0));
+        assert!(!pushed_out(&mut gone.0));
+        let _another = admit(&admission, 5);
+        assert!(pushed_out(&mut gone.0));
+        assert!(!pushed_out(&mut early));
+    }
+
+    #[test]
+    fn among_talkers_the_oldest_goes() {
+        let admission = Admission::new(limits(2, 2));
+        let mut talkers: Vec<_> = (0..2).map(|_| admit(&admission, 5)).collect();
+        for (_, _, client) in &mut talkers {
+            client.write_all(b"G").unwrap();
+        }
+        let _newcomer = admit(&admission, 5);
+        assert!(pushed_out(&mut talkers[0].0));
+        assert!(!pushed_out(&mut talkers[1].0));
     }
 
     #[test]
     fn served_connections_are_never_pushed_out() {
         let admission = Admission::new(limits(2, 2));
-        let mut served: Vec<_> = (0..2).map(|_| admission.admit(0).unwrap()).collect();
-        for ticket in &mut served {
+        let mut served: Vec<_> = (0..2).map(|_| admit(&admission, 0)).collect();
+        for (ticket, _, _) in &mut served {
             ticket.leave_waiting_room();
         }
-        assert_eq!(admission.admit(0).err(), Some(Rejected::PeerFull));
-        assert_eq!(admission.admit(1).err(), Some(Rejected::Full));
+        let (spare, _) = connection();
+        let fd = spare.as_raw_fd();
+        assert_eq!(admission.admit(0, fd).err(), Some(Rejected::PeerFull));
+        assert_eq!(admission.admit(1, fd).err(), Some(Rejected::Full));
         assert_eq!(admission.counts(0), (2, 0, 2));
         drop(served);
         assert_eq!(admission.counts(0), (0, 0, 0));
-        assert!(admission.admit(1).is_ok());
+        assert!(admission.admit(1, fd).is_ok());
     }
 
     #[test]
     fn a_connection_pushed_out_as_its_head_arrives_is_served_and_counted() {
         let admission = Admission::new(limits(1, 1));
-        let mut first = admission.admit(0).unwrap();
-        let second = admission.admit(0).unwrap();
-        assert!(pushed_out(&mut first));
-        first.leave_waiting_room();
+        let mut first = admit(&admission, 0);
+        let second = admit(&admission, 0);
+        assert!(pushed_out(&mut first.0));
+        first.0.leave_waiting_room();
         assert_eq!(admission.counts(0), (2, 1, 2));
         drop(first);
         drop(second);

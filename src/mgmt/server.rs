@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -290,7 +291,7 @@ async fn accept_loop(
             },
             None => stream.peer_cred().map_or(u32::MAX, |cred| cred.uid()),
         };
-        match shared.admission.admit(uid) {
+        match shared.admission.admit(uid, stream.as_raw_fd()) {
             Ok(ticket) => {
                 let shared = shared.clone();
                 tokio::spawn(ticket.run(stream, move |stream, head| {
@@ -305,8 +306,11 @@ async fn accept_loop(
 impl Shared {
     fn refuse(&self, stream: UnixStream, why: PeerRefused) {
         if let Some(suppressed) = self.refusals.admit(why.uid()) {
+            let uid = why
+                .uid()
+                .map_or_else(|| "unknown".to_string(), |uid| uid.to_string());
             tracing::warn!(
-                uid = ?why.uid(),
+                %uid,
                 reason = %why,
                 suppressed,
                 "management request refused (one line per uid a minute; suppressed: refusals since the last)"
