@@ -9,13 +9,14 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::http::{route, Endpoints};
 use super::Monitor;
@@ -33,8 +34,13 @@ const LIMITS: Limits = Limits {
     head_deadline: Duration::from_secs(2),
     serve_deadline: Duration::from_secs(60),
 };
+/// Request header buffer (hyper answers 431 beyond it); Prometheus sends a few short headers.
+const MAX_REQUEST_BUFFER: usize = 16 * 1024;
 /// At most one log line per client address and interval about turned-away connections.
 const LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// Connections the kernel completes before we accept them. std's 128 overflows within
+/// milliseconds when a crowd connects, and a client whose SYN is dropped waits 1 s to send it again.
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// What the connections share.
 struct Server {
@@ -43,6 +49,17 @@ struct Server {
     lingering: Arc<Lingering>,
     rejections: LogLimiter<IpAddr>,
     accept_errors: LogLimiter<()>,
+}
+
+/// Listens on `address` (SO_REUSEADDR, as std does) with room for [`LISTEN_BACKLOG`] connections.
+pub(crate) fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Serves until the listener fails for good (it does not: accept errors are waited out).
@@ -68,7 +85,7 @@ pub(crate) async fn serve(listener: TcpListener, monitor: Arc<Monitor>) {
             }
         };
         let peer = peer_key(address);
-        match server.admission.admit(peer) {
+        match server.admission.admit(peer, stream.as_raw_fd()) {
             Ok(ticket) => {
                 let server = server.clone();
                 tokio::spawn(ticket.run(stream, move |stream, head| {
@@ -111,7 +128,8 @@ async fn serve_connection(stream: TcpStream, server: Arc<Server>, head: HeadArri
         // The admission's head deadline runs from accept; this one, from the first byte, backs it.
         .header_read_timeout(LIMITS.head_deadline)
         // An idle keep-alive connection would hold a slot between scrapes for nothing.
-        .keep_alive(false);
+        .keep_alive(false)
+        .max_buf_size(MAX_REQUEST_BUFFER);
     if let Err(err) = builder
         .serve_connection(TokioIo::new(stream), service)
         .await

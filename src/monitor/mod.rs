@@ -152,9 +152,8 @@ pub async fn run(config: Config) -> Result<(), MonitorError> {
             "pod labels come from the shims (/pod-labels); CRI is asked for those of shims that do not serve them"
         );
     }
-    let listener = tokio::net::TcpListener::bind(config.listen_address)
-        .await
-        .map_err(|source| MonitorError::Listen {
+    let listener =
+        listener::bind(config.listen_address).map_err(|source| MonitorError::Listen {
             address: config.listen_address,
             source,
         })?;
