@@ -80,7 +80,7 @@ struct Shim {
     file: ShimSocket,
     abstract_: ShimSocket,
     log: PathBuf,
-    _proc: Proc,
+    proc: Proc,
     _agent: Proc,
 }
 
@@ -108,7 +108,7 @@ fn start_shim(dir: &Path, extra: Vec<String>) -> Shim {
         abstract_: ShimSocket::Abstract(format!("/containerd-shim/default/{id}/shim-monitor.sock")),
         id,
         log,
-        _proc: proc,
+        proc,
         _agent: agent,
     }
 }
@@ -198,6 +198,11 @@ fn log_lines(log: &Path, needle: &str) -> Vec<String> {
         .filter(|line| line.contains(needle))
         .map(str::to_string)
         .collect()
+}
+
+/// The most memory `pid` has held (VmHWM), in KiB.
+fn peak_rss_kib(pid: i32) -> u64 {
+    support::proc_field(&format!("/proc/{pid}/status"), "VmHWM")
 }
 
 fn percentile(durations: &[Duration], p: f64) -> Duration {
@@ -452,13 +457,16 @@ fn a_thousand_idle_connections_do_not_starve_shim_scrapes() {
     };
 
     let quiet = scrape_n(30);
+    let peak_quiet = peak_rss_kib(shim.proc.pid());
     let crowd = IdleCrowd::start(IDLE_CROWD, unix_idle(shim.file.clone()));
     crowd.wait_established(IDLE_CROWD);
     let busy = scrape_n(30);
     let closed = crowd.closed_by_server.load(Ordering::Relaxed);
     drop(crowd);
+    let peak_busy = peak_rss_kib(shim.proc.pid());
 
     report("shim file socket, no idle connections", &quiet);
+    println!("BENCH shim peak RSS: {peak_quiet} KiB before the crowd, {peak_busy} KiB after it");
     report(
         &format!("shim file socket, {IDLE_CROWD} idle connections held"),
         &busy,
@@ -551,7 +559,7 @@ async fn a_thousand_idle_tcp_connections_do_not_starve_kata_monitor() {
         .collect();
     let ids: Vec<String> = shims.iter().map(|s| s.id.clone()).collect();
     let log = dir.path().join("monitor.log");
-    let (_monitor, port) = start_monitor(&dir.path().join("sbs"), &log);
+    let (monitor, port) = start_monitor(&dir.path().join("sbs"), &log);
     // Discovery first: the quiet scrapes must already see both sandboxes.
     let deadline = Instant::now() + Duration::from_secs(10);
     while scrape_monitor(port, &ids).await.is_err() {
@@ -570,6 +578,7 @@ async fn a_thousand_idle_tcp_connections_do_not_starve_kata_monitor() {
                 .unwrap_or_else(|e| panic!("quiet scrape {i}: {e}")),
         );
     }
+    let peak_quiet = peak_rss_kib(monitor.pid());
     // Half the crowd from one address, half spread over 250: both the per-address cap and the
     // server's total are in play.
     let crowd = IdleCrowd::start(IDLE_CROWD, tcp_idle(port));
@@ -584,6 +593,10 @@ async fn a_thousand_idle_tcp_connections_do_not_starve_kata_monitor() {
     }
     let closed = crowd.closed_by_server.load(Ordering::Relaxed);
     tokio::task::block_in_place(|| drop(crowd));
+    let peak_busy = peak_rss_kib(monitor.pid());
+    println!(
+        "BENCH kata-monitor peak RSS: {peak_quiet} KiB before the crowd, {peak_busy} KiB after it"
+    );
 
     report("kata-monitor, 2 sandboxes, no idle connections", &quiet);
     report(

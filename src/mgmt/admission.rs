@@ -246,8 +246,9 @@ impl<K: Eq + Hash + Copy> Ticket<K> {
             return;
         }
         let notify = Arc::new(Notify::new());
-        let served = serve(stream, HeadArrived(notify.clone()));
-        tokio::pin!(served);
+        // Boxed: the HTTP connection's state is allocated only once its first byte is in, and the
+        // task of an idle connection stays small.
+        let mut served = Box::pin(serve(stream, HeadArrived(notify.clone())));
         let head_complete = tokio::select! {
             biased;
             () = &mut served => return,
