@@ -197,19 +197,29 @@ impl HeadArrived {
 }
 
 /// A socket that can be waited on for its first byte without reading it.
-pub(crate) trait Readable {
+pub(crate) trait Socket {
     fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Reads what is there without waiting (`WouldBlock` if nothing is).
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize>;
 }
 
-impl Readable for tokio::net::UnixStream {
+impl Socket for tokio::net::UnixStream {
     fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
         tokio::net::UnixStream::readable(self)
     }
+
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        tokio::net::UnixStream::try_read(self, buf)
+    }
 }
 
-impl Readable for tokio::net::TcpStream {
+impl Socket for tokio::net::TcpStream {
     fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
         tokio::net::TcpStream::readable(self)
+    }
+
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        tokio::net::TcpStream::try_read(self, buf)
     }
 }
 
@@ -229,7 +239,7 @@ impl<K: Eq + Hash + Copy> Ticket<K> {
     /// when the connection is done, was pushed out, or missed a deadline (dropping `serve` closes it).
     pub(crate) async fn run<S, F, Fut>(mut self, stream: S, serve: F)
     where
-        S: Readable,
+        S: Socket,
         F: FnOnce(S, HeadArrived) -> Fut,
         Fut: Future<Output = ()>,
     {
@@ -295,41 +305,72 @@ impl<K: Eq + Hash + Copy> Drop for Ticket<K> {
     }
 }
 
-/// How long a turned-away connection may still send its request (which is read and dropped) before
-/// it is closed: long enough that a client writing its request just after connecting reads the
-/// answer instead of a broken pipe or a reset, short enough that it holds nothing for long.
+/// How long a turned-away connection is given to send its request, and then to read the answer,
+/// before it is closed. Its request is read into a small scratch array and dropped.
 const LINGER: Duration = Duration::from_millis(500);
-/// Turned-away connections lingering at once; beyond, they are closed right after the answer.
+/// Turned-away connections waited for at once; beyond, they are answered and closed at once.
 const MAX_LINGERING: usize = 256;
+/// What a turned-away client may send before its answer: a request head is at most 16 KiB.
+const MAX_DRAINED: usize = 64 * 1024;
 
-/// Counts the turned-away connections that linger.
+/// Counts the turned-away connections being waited for.
 #[derive(Default)]
 pub(crate) struct Lingering(AtomicUsize);
 
-/// Answers `response` (a whole HTTP response with `Connection: close`) without reading the request,
-/// and closes. It holds no slot and no request buffer: what the client still sends goes into a
-/// small scratch array, for at most [`LINGER`].
+/// Answers `response` (a whole HTTP response with `Connection: close`) and closes, holding no slot
+/// and no request buffer. The answer goes out once the client has sent something (HTTP clients drop
+/// an answer that comes before their request) or after [`LINGER`]; whatever the client sends is
+/// read into a small scratch array and dropped, so that closing sends no reset that could destroy
+/// the answer before the client reads it.
 pub(crate) async fn turn_away<S>(mut stream: S, response: Vec<u8>, lingering: Arc<Lingering>)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Socket + AsyncRead + AsyncWrite + Unpin,
 {
+    let linger = lingering.0.fetch_add(1, Ordering::AcqRel) < MAX_LINGERING;
+    let mut scratch = [0u8; 512];
+    if linger {
+        drain_request(&stream, &mut scratch, Instant::now() + LINGER).await;
+    }
     // A fresh socket's send buffer takes a short answer at once; a stuck one gets no more time.
     let written = tokio::time::timeout(LINGER, async {
         stream.write_all(&response).await?;
         stream.shutdown().await
     })
     .await;
-    if !matches!(written, Ok(Ok(()))) {
-        return;
-    }
-    if lingering.0.fetch_add(1, Ordering::AcqRel) < MAX_LINGERING {
+    if linger && matches!(written, Ok(Ok(()))) {
         let _ = tokio::time::timeout(LINGER, async {
-            let mut scratch = [0u8; 512];
             while matches!(stream.read(&mut scratch).await, Ok(n) if n > 0) {}
         })
         .await;
     }
     lingering.0.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// Reads and drops what the client has sent, waiting until it has sent something (or `deadline`).
+async fn drain_request<S: Socket>(stream: &S, scratch: &mut [u8], deadline: Instant) {
+    let mut drained = 0;
+    loop {
+        match stream.try_read(scratch) {
+            // The client has shut down its side: nothing more will come.
+            Ok(0) => return,
+            Ok(n) => {
+                drained += n;
+                if drained >= MAX_DRAINED {
+                    return;
+                }
+            }
+            // Readiness can be reported before there is data: only a byte read counts.
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock && drained == 0 => {
+                if tokio::time::timeout_at(deadline, stream.readable())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// A short plain-text HTTP/1.1 response that closes the connection.
