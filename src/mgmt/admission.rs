@@ -1,8 +1,8 @@
 //! Who gets a connection slot on our HTTP servers (the shim's management sockets, kata-monitor), so
 //! that idle or slow clients cannot starve real ones and memory stays bounded.
 //!
-//! - The accept loop never waits: a connection is admitted, or answered at once and closed
-//!   ([`turn_away`]), holding nothing while it goes.
+//! - The accept loop never waits: a connection is admitted, or answered and closed ([`turn_away`]),
+//!   holding no slot and no request buffer while it goes.
 //! - An admitted connection that has not sent a complete request head is *waiting*. Until its first
 //!   byte it holds its socket and nothing else (no request buffer); it is closed when its head is not
 //!   complete by the head deadline, or when a newer connection needs its slot: a peer at its own cap
