@@ -1,5 +1,7 @@
-//! The shim management server (HTTP over unix sockets), its client, and socket paths.
+//! The shim management server (HTTP over unix sockets), its client, and socket paths; the connection
+//! budget ([`admission`]) that kata-monitor's HTTP server uses as well.
 
+pub(crate) mod admission;
 pub mod client;
 pub mod paths;
 pub(crate) mod peer;

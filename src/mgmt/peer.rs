@@ -13,17 +13,35 @@ pub(crate) enum PeerRefused {
     #[error("peer credentials unavailable: {0}")]
     NoCredentials(#[source] std::io::Error),
     #[error("peer credentials unavailable: no peer pid")]
-    NoPeerPid,
+    NoPeerPid { uid: u32 },
     #[error("peer uid {uid} is neither root nor the shim's uid {own}")]
     Uid { uid: u32, own: u32 },
     #[error("peer pid {pid} is in another mount namespace ({theirs}, ours {ours})")]
     MountNamespace {
+        uid: u32,
         pid: i32,
         theirs: String,
         ours: String,
     },
     #[error("peer pid {pid}: cannot read its mount namespace: {source}")]
-    UnknownNamespace { pid: i32, source: std::io::Error },
+    UnknownNamespace {
+        uid: u32,
+        pid: i32,
+        source: std::io::Error,
+    },
+}
+
+impl PeerRefused {
+    /// The refused peer's uid, when the kernel told it.
+    pub(crate) fn uid(&self) -> Option<u32> {
+        match self {
+            PeerRefused::NoCredentials(_) => None,
+            PeerRefused::NoPeerPid { uid }
+            | PeerRefused::Uid { uid, .. }
+            | PeerRefused::MountNamespace { uid, .. }
+            | PeerRefused::UnknownNamespace { uid, .. } => Some(*uid),
+        }
+    }
 }
 
 /// The rule: which uid and mount namespace a peer must have.
@@ -42,8 +60,9 @@ impl PeerPolicy {
         })
     }
 
-    /// Checks the process at the other end of `stream`.
-    pub(crate) fn check(&self, stream: &UnixStream) -> Result<(), PeerRefused> {
+    /// Checks the process at the other end of `stream` (right after accept: it reads nothing from
+    /// the connection); returns the peer's uid.
+    pub(crate) fn check(&self, stream: &UnixStream) -> Result<u32, PeerRefused> {
         let cred = stream.peer_cred().map_err(PeerRefused::NoCredentials)?;
         let uid = cred.uid();
         if uid != 0 && uid != self.own_uid {
@@ -52,17 +71,18 @@ impl PeerPolicy {
                 own: self.own_uid,
             });
         }
-        let pid = cred.pid().ok_or(PeerRefused::NoPeerPid)?;
+        let pid = cred.pid().ok_or(PeerRefused::NoPeerPid { uid })?;
         let theirs = mount_namespace(&pid.to_string())
-            .map_err(|source| PeerRefused::UnknownNamespace { pid, source })?;
+            .map_err(|source| PeerRefused::UnknownNamespace { uid, pid, source })?;
         if theirs != self.own_mount_ns {
             return Err(PeerRefused::MountNamespace {
+                uid,
                 pid,
                 theirs,
                 ours: self.own_mount_ns.clone(),
             });
         }
-        Ok(())
+        Ok(uid)
     }
 }
 

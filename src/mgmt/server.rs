@@ -1,10 +1,14 @@
 //! The shim management server: HTTP/1.1 on the sandbox's file socket and abstract socket.
 //!
-//! Both listeners serve one router: `GET /metrics`, `GET /agent-url` and `GET /pod-labels`. The abstract socket checks
-//! each peer first ([`PeerPolicy`]); a refused peer gets a 403, never a silent drop.
+//! Both listeners serve one router: `GET /metrics`, `GET /agent-url` and `GET /pod-labels`, one
+//! request per connection. The abstract socket checks each peer right after accept ([`PeerPolicy`]);
+//! a refused peer gets its 403 at once, holding no slot and no request buffer, never a silent drop.
+//! Both listeners share one budget of connections ([`Admission`]): idle clients are closed after the
+//! head deadline or pushed out by newer ones, so they cannot starve real scrapes.
 
 use std::convert::Infallible;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,19 +26,33 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::admission::{
+    plain_response, turn_away, Admission, HeadArrived, Limits, Lingering, Rejected,
+};
 use super::paths::{self, SocketAddress};
-use super::peer::PeerPolicy;
+use super::peer::{PeerPolicy, PeerRefused};
 use super::pod::PodIdentity;
+use crate::logging::LogLimiter;
 
 /// Prometheus text format 0.0.4.
 pub(crate) const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more wait for a free slot.
-const MAX_CONNECTIONS: usize = 64;
+/// The connection budget of one server (both sockets). Clients on the same host send their request
+/// head at once, so 1 s from accept to a complete head is plenty. Per-uid caps would add nothing:
+/// every peer that gets this far is root or the shim's own uid.
+const LIMITS: Limits = Limits {
+    max_open: 256,
+    max_per_peer: 256,
+    head_deadline: Duration::from_secs(1),
+    // Rendering is bounded by the agent deadline; this bounds a client that does not read.
+    serve_deadline: Duration::from_secs(30),
+};
+/// Scrapes rendered at once; more wait for a turn.
+const MAX_RENDERS: usize = 64;
 /// Request header buffer (hyper answers 431 beyond it); our requests are one short line.
 const MAX_REQUEST_BUFFER: usize = 16 * 1024;
+/// At most one log line per peer uid and interval about refused or turned-away connections.
+const LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What `GET /metrics` serves: the whole body of one scrape. It must answer within its own
 /// deadlines and never fail (the shim's scrape reports a missing agent inside the body).
@@ -108,7 +126,15 @@ impl MgmtServer {
         let _ = std::fs::remove_file(&file_socket);
 
         let (stop, stopped) = watch::channel(false);
-        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let shared = Arc::new(Shared {
+            state,
+            admission: Admission::new(LIMITS),
+            renders: Semaphore::new(MAX_RENDERS),
+            lingering: Arc::new(Lingering::default()),
+            refusals: LogLimiter::new(LOG_INTERVAL),
+            rejections: LogLimiter::new(LOG_INTERVAL),
+            accept_errors: LogLimiter::new(LOG_INTERVAL),
+        });
         let mut server = MgmtServer {
             sandbox_dir,
             stop,
@@ -125,8 +151,7 @@ impl MgmtServer {
         server.tasks.push(tokio::spawn(accept_loop(
             listener,
             None,
-            state.clone(),
-            limit.clone(),
+            shared.clone(),
             stopped.clone(),
         )));
 
@@ -139,9 +164,8 @@ impl MgmtServer {
             let policy = PeerPolicy::for_this_process().map_err(MgmtError::Policy)?;
             server.tasks.push(tokio::spawn(accept_loop(
                 listener,
-                Some(Arc::new(policy)),
-                state,
-                limit,
+                Some(policy),
+                shared,
                 stopped,
             )));
         }
@@ -222,11 +246,22 @@ fn bind(address: &SocketAddress) -> Result<UnixListener, MgmtError> {
     })
 }
 
+/// What the connections of one server share.
+struct Shared {
+    state: Arc<MgmtState>,
+    /// Keyed by the peer's uid.
+    admission: Arc<Admission<u32>>,
+    renders: Semaphore,
+    lingering: Arc<Lingering>,
+    refusals: LogLimiter<Option<u32>>,
+    rejections: LogLimiter<u32>,
+    accept_errors: LogLimiter<()>,
+}
+
 async fn accept_loop(
     listener: UnixListener,
-    policy: Option<Arc<PeerPolicy>>,
-    state: Arc<MgmtState>,
-    limit: Arc<Semaphore>,
+    policy: Option<PeerPolicy>,
+    shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
 ) {
     loop {
@@ -235,30 +270,71 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(err) => {
-                    // Out of fds and the like: wait a little instead of spinning.
-                    tracing::warn!(error = %err, "management server accept failed");
+                    if let Some(suppressed) = shared.accept_errors.admit(()) {
+                        tracing::warn!(error = %err, suppressed, "management server accept failed");
+                    }
+                    // Out of descriptors, most likely: a waiting connection gives its one back.
+                    shared.admission.evict_oldest();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
-        let refusal = policy
-            .as_ref()
-            .and_then(|policy| policy.check(&stream).err());
-        let state = state.clone();
-        tokio::spawn(async move {
-            match refusal {
-                None => serve_connection(stream, state).await,
-                Some(why) => {
-                    tracing::warn!(reason = %why, "management request refused");
-                    refuse_connection(stream, why.to_string()).await
+        // The peer check reads nothing from the connection, so a refused peer holds nothing.
+        let uid = match &policy {
+            Some(policy) => match policy.check(&stream) {
+                Ok(uid) => uid,
+                Err(why) => {
+                    shared.refuse(stream, why);
+                    continue;
                 }
+            },
+            None => stream.peer_cred().map_or(u32::MAX, |cred| cred.uid()),
+        };
+        match shared.admission.admit(uid, stream.as_raw_fd()) {
+            Ok(ticket) => {
+                let shared = shared.clone();
+                tokio::spawn(ticket.run(stream, move |stream, head| {
+                    serve_connection(stream, shared, head)
+                }));
             }
-            drop(permit);
-        });
+            Err(rejected) => shared.turn_away_busy(stream, uid, rejected),
+        }
+    }
+}
+
+impl Shared {
+    fn refuse(&self, stream: UnixStream, why: PeerRefused) {
+        if let Some(suppressed) = self.refusals.admit(why.uid()) {
+            let uid = why
+                .uid()
+                .map_or_else(|| "unknown".to_string(), |uid| uid.to_string());
+            tracing::warn!(
+                %uid,
+                reason = %why,
+                suppressed,
+                "management request refused (one line per uid a minute; suppressed: refusals since the last)"
+            );
+        }
+        let answer = plain_response("403 Forbidden", "", &format!("forbidden: {why}\n"));
+        tokio::spawn(turn_away(stream, answer, self.lingering.clone()));
+    }
+
+    fn turn_away_busy(&self, stream: UnixStream, uid: u32, why: Rejected) {
+        if let Some(suppressed) = self.rejections.admit(uid) {
+            tracing::warn!(
+                uid,
+                ?why,
+                suppressed,
+                "management server busy: every connection slot is being served, answered 503"
+            );
+        }
+        let answer = plain_response(
+            "503 Service Unavailable",
+            "retry-after: 1\r\n",
+            "too many requests in progress; try again\n",
+        );
+        tokio::spawn(turn_away(stream, answer, self.lingering.clone()));
     }
 }
 
@@ -266,17 +342,21 @@ fn http_builder() -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // The admission's head deadline runs from accept; this one, from the first byte, backs it.
+        .header_read_timeout(LIMITS.head_deadline)
+        // One request per connection: an idle keep-alive connection would hold a slot for nothing.
+        .keep_alive(false)
         // A client that sends its request and shuts down its write side still gets the answer.
         .half_close(true)
         .max_buf_size(MAX_REQUEST_BUFFER);
     builder
 }
 
-async fn serve_connection(stream: UnixStream, state: Arc<MgmtState>) {
+async fn serve_connection(stream: UnixStream, shared: Arc<Shared>, head: HeadArrived) {
     let service = service_fn(move |req| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(route(req, &state).await) }
+        head.arrived();
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(route(req, &shared).await) }
     });
     if let Err(err) = http_builder()
         .serve_connection(TokioIo::new(stream), service)
@@ -286,18 +366,8 @@ async fn serve_connection(stream: UnixStream, state: Arc<MgmtState>) {
     }
 }
 
-async fn refuse_connection(stream: UnixStream, why: String) {
-    let service = service_fn(move |_req| {
-        let why = why.clone();
-        async move { Ok::<_, Infallible>(text(StatusCode::FORBIDDEN, format!("forbidden: {why}\n"))) }
-    });
-    let _ = http_builder()
-        .keep_alive(false)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
-}
-
-async fn route(req: Request<Incoming>, state: &MgmtState) -> Response<Full<Bytes>> {
+async fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    let state = &shared.state;
     let readable = matches!(*req.method(), Method::GET | Method::HEAD);
     match req.uri().path() {
         "/metrics" | "/agent-url" | "/pod-labels" if !readable => {
@@ -311,6 +381,8 @@ async fn route(req: Request<Incoming>, state: &MgmtState) -> Response<Full<Bytes
             response
         }
         "/metrics" => {
+            // The semaphore is never closed, so this always waits for and holds a permit.
+            let _turn = shared.renders.acquire().await.ok();
             let body = state.metrics.render().await;
             metrics_response(body, accepts_gzip(&req))
         }

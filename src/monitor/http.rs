@@ -1,4 +1,5 @@
-//! kata-monitor's HTTP server: `/metrics`, `/sandboxes`, `/agent-url`, `/` (hyper, HTTP/1.1).
+//! kata-monitor's HTTP endpoints: `/metrics`, `/sandboxes`, `/agent-url`, `/` (hyper, HTTP/1.1).
+//! Which connections get to ask is `listener.rs`'s business.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -10,12 +11,8 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderValue, ACCEPT, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, VARY};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::render::{FamilyFilter, Format};
 use super::Monitor;
@@ -25,46 +22,27 @@ use crate::mgmt::server::accepts_gzip;
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
 
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_CONNECTIONS: usize = 64;
+/// `/metrics` answers in progress at once (each scrapes every sandbox and streams its answer).
+const MAX_SCRAPES: usize = 64;
 
-/// Serves until the listener fails for good (it does not: accept errors are waited out).
-pub(crate) async fn serve(listener: TcpListener, monitor: Arc<Monitor>) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                tracing::warn!(error = %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
-        let monitor = monitor.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let monitor = monitor.clone();
-                async move { Ok::<_, Infallible>(route(req, &monitor).await) }
-            });
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            if let Err(err) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %err, "connection ended with an error");
-            }
-            drop(permit);
-        });
+/// What the endpoints answer from.
+pub(crate) struct Endpoints {
+    pub(crate) monitor: Arc<Monitor>,
+    /// Held by a `/metrics` answer until its last byte is sent or the client left.
+    scrapes: Arc<Semaphore>,
+}
+
+impl Endpoints {
+    pub(crate) fn new(monitor: Arc<Monitor>) -> Self {
+        Endpoints {
+            monitor,
+            scrapes: Arc::new(Semaphore::new(MAX_SCRAPES)),
+        }
     }
 }
 
-async fn route(req: Request<Incoming>, monitor: &Monitor) -> Response<Body> {
+pub(crate) async fn route(req: Request<Incoming>, server: &Endpoints) -> Response<Body> {
+    let monitor = &server.monitor;
     let path = req.uri().path().to_string();
     let known = matches!(
         path.as_str(),
@@ -85,7 +63,7 @@ async fn route(req: Request<Incoming>, monitor: &Monitor) -> Response<Body> {
     }
     let query = Query::parse(req.uri().query().unwrap_or_default());
     match path.as_str() {
-        "/metrics" => metrics(&req, &query, monitor).await,
+        "/metrics" => metrics(&req, &query, server).await,
         "/sandboxes" => sandboxes(&req, monitor),
         "/agent-url" => agent_url(&query, monitor).await,
         _ => text(StatusCode::OK, INDEX.to_string()),
@@ -97,7 +75,8 @@ const INDEX: &str = "kata-monitor: one Prometheus target for every Kata sandbox 
 /sandboxes                  the sandboxes found, one id per line\n\
 /agent-url?sandbox=<id>     the agent URL of a sandbox\n";
 
-async fn metrics(req: &Request<Incoming>, query: &Query, monitor: &Monitor) -> Response<Body> {
+async fn metrics(req: &Request<Incoming>, query: &Query, server: &Endpoints) -> Response<Body> {
+    let monitor = &server.monitor;
     let format = Format::from_accept(header(req, ACCEPT));
     let gzip = accepts_gzip(req);
     let filter = FamilyFilter::new(query.get("filter_family").unwrap_or_default());
@@ -109,11 +88,13 @@ async fn metrics(req: &Request<Incoming>, query: &Query, monitor: &Monitor) -> R
         None => None,
     };
     let budget = prometheus_timeout(req);
+    // Held until the answer's last byte: a client that reads slowly holds its render with it.
+    let turn = server.scrapes.clone().acquire_owned().await.ok();
     let (tx, rx) = mpsc::channel(4);
     monitor
         .scrape_into(only, budget, format, filter, gzip, tx)
         .await;
-    let mut response = Response::new(ChannelBody(rx).boxed());
+    let mut response = Response::new(ChannelBody { rx, _turn: turn }.boxed());
     let headers = response.headers_mut();
     headers.insert(
         CONTENT_TYPE,
@@ -223,7 +204,10 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
 }
 
 /// A response body fed by a channel (the renderer's chunks).
-struct ChannelBody(mpsc::Receiver<Bytes>);
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+    _turn: Option<OwnedSemaphorePermit>,
+}
 
 impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
@@ -233,7 +217,7 @@ impl hyper::body::Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
+        self.rx
             .poll_recv(cx)
             .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
     }

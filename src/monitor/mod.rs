@@ -6,13 +6,14 @@
 //! - [`scrape`]: bounded, deadline-limited scraping of the shims;
 //! - [`aggregate`] and [`render`]: relabelling, merging and writing the output;
 //! - [`metrics`]: the monitor's own `kata_monitor_*` families;
-//! - [`http`]: the endpoints.
+//! - [`http`]: the endpoints, and [`listener`]: which connections get served.
 
 pub(crate) mod aggregate;
 pub mod config;
 pub(crate) mod cri;
 pub(crate) mod discovery;
 pub(crate) mod http;
+pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod render;
 pub(crate) mod sandboxes;
@@ -154,9 +155,8 @@ pub async fn run(config: Config) -> Result<(), MonitorError> {
             "pod labels come from the shims (/pod-labels); CRI is asked for those of shims that do not serve them"
         );
     }
-    let listener = tokio::net::TcpListener::bind(config.listen_address)
-        .await
-        .map_err(|source| MonitorError::Listen {
+    let listener =
+        listener::bind(config.listen_address).map_err(|source| MonitorError::Listen {
             address: config.listen_address,
             source,
         })?;
@@ -177,7 +177,7 @@ pub async fn run(config: Config) -> Result<(), MonitorError> {
         monitor.sandboxes.clone(),
         monitor.metrics.clone(),
     ));
-    let server = tokio::spawn(http::serve(listener, monitor));
+    let server = tokio::spawn(listener::serve(listener, monitor));
     let stopped = crate::signals::wait_for_termination().await;
     discovery.abort();
     server.abort();

@@ -208,6 +208,16 @@ pub struct ShimOptions<'a> {
 
 /// Starts the metrics-server example and waits for its `ready` line.
 pub fn start_shim(options: ShimOptions) -> Proc {
+    spawn_shim(options, Stdio::inherit())
+}
+
+/// [`start_shim`] with the server's log (stderr) written to `log`.
+pub fn start_shim_logging_to(options: ShimOptions, log: &Path) -> Proc {
+    let file = std::fs::File::create(log).expect("create the shim's log file");
+    spawn_shim(options, Stdio::from(file))
+}
+
+fn spawn_shim(options: ShimOptions, stderr: Stdio) -> Proc {
     let mut cmd = Command::new(example("metrics-server"));
     cmd.args([
         "--sandbox-id",
@@ -219,7 +229,8 @@ pub fn start_shim(options: ShimOptions) -> Proc {
     .arg(options.run_dir)
     .args(["--metrics-timeout", options.metrics_timeout])
     .args(&options.extra)
-    .stdout(Stdio::piped());
+    .stdout(Stdio::piped())
+    .stderr(stderr);
     if let Some(pid) = options.hypervisor_pid {
         cmd.args(["--hypervisor-pid", &pid.to_string()]);
     }
