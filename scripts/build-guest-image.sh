@@ -74,20 +74,18 @@ if [[ -z $deb ]]; then
     deb=$(ls "$cache"/"${pkg}"_*.deb 2>/dev/null | head -n1 || true)
     [[ -n $deb ]] || die "apt-get download $pkg left no .deb in $cache"
 fi
-kroot=$cache/$pkg
-if [[ ! -f $kroot/.unpacked ]]; then
-    rm -rf "$kroot"
-    mkdir -p "$kroot"
-    dpkg-deb -x "$deb" "$kroot"
-    touch "$kroot/.unpacked"
-fi
+work=$(mktemp -d "$out/.build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+# Unpacked in the work directory, removed on exit: the tree is ~0.5 GB and the stamp makes it rare.
+rm -rf "$cache/$pkg" # left by older versions of this script
+kroot=$work/kernel-package
+mkdir -p "$kroot"
+dpkg-deb -x "$deb" "$kroot"
 vmlinuz=$kroot/boot/vmlinuz-$kver
 moddir=$kroot/lib/modules/$kver
 [[ -f $vmlinuz ]] || die "$deb has no boot/vmlinuz-$kver"
 [[ -d $moddir/kernel ]] || die "$deb has no lib/modules/$kver/kernel"
-
-work=$(mktemp -d "$out/.build.XXXXXX")
-trap 'rm -rf "$work"' EXIT
 
 # vmlinux: the ELF kernel inside the bzImage. Like the kernel's scripts/extract-vmlinux: find a
 # compressed stream's magic, decompress from there, keep the first result that is an ELF file.

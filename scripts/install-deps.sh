@@ -27,6 +27,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  apt-get clean # the downloaded .debs are not needed again, and CI disks can be small
 fi
 
 # The guest image downloads Debian's kernel package: the package lists must know it.
