@@ -11,6 +11,7 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -281,7 +282,8 @@ fn kubelets_orders_of_teardown_leave_nothing_behind() {
 /// The sandbox image's /pause, run by its own busybox in a chroot (with the host's /dev, in a
 /// mount namespace of its own), until `signal`; returns its exit status.
 fn pause_until(rootfs: &Path, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
-    let mut pause = Command::new("unshare")
+    let mut pause = Command::new("unshare");
+    pause
         .args([
             "--mount",
             "sh",
@@ -289,9 +291,20 @@ fn pause_until(rootfs: &Path, signal: nix::sys::signal::Signal) -> std::process:
             "mount --bind /dev \"$0/dev\" && exec chroot \"$0\" /pause",
         ])
         .arg(rootfs)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("run unshare");
+        .stdin(Stdio::null());
+    // A container's process starts with every signal at its default (runc resets them). A test
+    // run started as a background job inherits SIGINT ignored, and a shell cannot trap a signal
+    // ignored on entry: reset it, as the runtime would.
+    // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+    unsafe {
+        pause.pre_exec(|| {
+            use nix::sys::signal::{signal as set_handler, SigHandler, Signal};
+            set_handler(Signal::SIGINT, SigHandler::SigDfl).map_err(std::io::Error::from)?;
+            set_handler(Signal::SIGQUIT, SigHandler::SigDfl).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut pause = pause.spawn().expect("run unshare");
     let pid = pause.id() as i32;
     // Its sleep runs once the trap is set (before, the child may be `mount`).
     wait_until("pause's sleep", Duration::from_secs(10), || {
