@@ -66,6 +66,8 @@ agent_rpcs! {
     agent.update_container(agent::UpdateContainerRequest) -> Empty, request;
     /// The container's resource usage measured in the guest (cgroup and network figures).
     agent.stats_container(agent::StatsContainerRequest) -> agent::StatsContainerResponse, request;
+    /// Many containers' figures in one round trip (a scrape of `/metrics/cadvisor`).
+    agent.stats_containers(agent::StatsContainersRequest) -> agent::StatsContainersResponse, metrics;
     /// Creates and starts one more process in a running container.
     agent.exec_process(agent::ExecProcessRequest) -> Empty, request;
     /// Signals a process; signalling one that already exited succeeds.

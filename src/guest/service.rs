@@ -130,6 +130,14 @@ impl agent_ttrpc::AgentService for AgentService {
         self.containers.stats(&req.container_id).await
     }
 
+    async fn stats_containers(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::StatsContainersRequest,
+    ) -> ttrpc::Result<agent::StatsContainersResponse> {
+        self.containers.stats_many(&req.container_ids).await
+    }
+
     async fn exec_process(
         &self,
         _ctx: &TtrpcContext,

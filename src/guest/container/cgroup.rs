@@ -17,7 +17,7 @@ pub(crate) const ROOT_ENV: &str = "KATA_AGENT_CGROUP_ROOT";
 const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
 const DEFAULT_ROOT: &str = "/sys/fs/cgroup/kata";
 /// Controllers whose files StatsContainer reads.
-const CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+const CONTROLLERS: [&str; 4] = ["cpu", "memory", "pids", "io"];
 
 /// Where containers' cgroups go; `None` when cgroup2 is not usable.
 #[derive(Debug, Clone)]

@@ -1,5 +1,6 @@
 //! A container's figures from the files of its cgroup v2: cpu.stat (time and throttling),
-//! memory.current/.max/.peak/.stat/.events, memory.swap.*, pids.*.
+//! memory.current/.max/.peak/.stat/.events, memory.swap.*, pids.*, io.stat; and its CPU limits
+//! (cpu.max, cpu.weight).
 //!
 //! Each figure the cgroup has replaces the caller's; what it lacks (a controller not enabled, a
 //! file an older kernel does not write) stays as the caller had it. The memory.stat map holds the
@@ -13,6 +14,8 @@ use crate::protocols::{agent, memory_events};
 const NANOS_PER_USEC: u64 = 1000;
 /// A 6.x kernel writes about 70 keys into memory.stat; lines past this are not the kernel's.
 const MAX_MEMORY_STAT_KEYS: usize = 256;
+/// io.stat has a line per block device the cgroup used; a guest has a handful.
+const MAX_IO_DEVICES: usize = 64;
 
 /// Overlays the figures of the cgroup in `dir` on `stats`.
 pub(super) fn overlay(dir: &Path, stats: &mut agent::CgroupStats) {
@@ -22,6 +25,9 @@ pub(super) fn overlay(dir: &Path, stats: &mut agent::CgroupStats) {
     }
     if let Some(current) = read("memory.current").and_then(|t| parse_limit(&t)) {
         memory(current, &read, stats.memory_stats.mut_or_insert_default());
+    }
+    if let Some(text) = read("io.stat") {
+        stats.blkio_stats = Some(io(&text)).into();
     }
     if let Some(current) = read("pids.current").and_then(|t| t.trim().parse().ok()) {
         let pids = stats.pids_stats.mut_or_insert_default();
@@ -90,6 +96,60 @@ fn memory(current: u64, read: &dyn Fn(&str) -> Option<String>, memory: &mut agen
             .and_then(|t| flat_keyed(&t).get("max").copied())
             .unwrap_or(0);
     }
+}
+
+/// io.stat's lines, `MAJ:MIN rbytes=.. wbytes=.. rios=.. wios=.. ...`: bytes and operations per
+/// device and direction; other keys (discards) are left out.
+fn io(text: &str) -> agent::BlkioStats {
+    let mut blkio = agent::BlkioStats::new();
+    for line in text.lines().take(MAX_IO_DEVICES) {
+        let mut words = line.split_whitespace();
+        let Some((major, minor)) = words.next().and_then(|d| d.split_once(':')) else {
+            continue;
+        };
+        let (Ok(major), Ok(minor)) = (major.parse(), minor.parse()) else {
+            continue;
+        };
+        for word in words {
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            let Ok(value) = value.parse() else {
+                continue;
+            };
+            let (list, op) = match key {
+                "rbytes" => (&mut blkio.io_service_bytes_recursive, "read"),
+                "wbytes" => (&mut blkio.io_service_bytes_recursive, "write"),
+                "rios" => (&mut blkio.io_serviced_recursive, "read"),
+                "wios" => (&mut blkio.io_serviced_recursive, "write"),
+                _ => continue,
+            };
+            list.push(agent::BlkioStatsEntry {
+                major,
+                minor,
+                op: op.to_string(),
+                value,
+                ..Default::default()
+            });
+        }
+    }
+    blkio
+}
+
+/// cpu.max (`<quota> <period>`, quota `max` when unlimited: 0) and cpu.weight; what a cgroup
+/// without the cpu controller lacks stays 0.
+pub(super) fn cpu_limits(dir: &Path) -> agent::CpuLimits {
+    let mut limits = agent::CpuLimits::new();
+    if let Ok(text) = std::fs::read_to_string(dir.join("cpu.max")) {
+        let mut words = text.split_whitespace();
+        limits.quota_us = words.next().and_then(|q| q.parse().ok()).unwrap_or(0);
+        limits.period_us = words.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    }
+    limits.weight = std::fs::read_to_string(dir.join("cpu.weight"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    limits
 }
 
 /// The "key value" lines of a flat-keyed file (cpu.stat, memory.stat, memory.events, ...), at

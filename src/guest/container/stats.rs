@@ -18,28 +18,56 @@ use crate::protocols::agent;
 /// init is `init`.
 pub(crate) fn container_stats(cgroup: Option<&Path>, init: Pid) -> agent::StatsContainerResponse {
     let mut reply = agent::StatsContainerResponse::new();
-    reply.cgroup_stats = Some(match cgroup {
-        Some(dir) => of_cgroup(dir),
-        None => process_stats(&[init], threads(init)),
-    })
-    .into();
-    reply.network_stats = procfs::net::dev_status()
-        .map(|devices| network_stats(devices.into_values()))
-        .unwrap_or_default();
+    reply.cgroup_stats = Some(cgroup_figures(cgroup, init)).into();
+    reply.network_stats = guest_network();
     reply
 }
 
-fn of_cgroup(dir: &Path) -> agent::CgroupStats {
-    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
-    let pids: Vec<Pid> = read("cgroup.procs")
+/// StatsContainers' entry for one container: its cgroup figures, how many processes it has, and
+/// its CPU limits (none known without a cgroup).
+pub(crate) fn container_entry(id: &str, cgroup: Option<&Path>, init: Pid) -> agent::ContainerStats {
+    let mut entry = agent::ContainerStats::new();
+    entry.container_id = id.to_string();
+    entry.cgroup_stats = Some(cgroup_figures(cgroup, init)).into();
+    entry.processes = match cgroup {
+        Some(dir) => cgroup_pids(dir).len() as u64,
+        None => 1,
+    };
+    if let Some(dir) = cgroup {
+        entry.cpu_limits = Some(cgroup_stats::cpu_limits(dir)).into();
+    }
+    entry
+}
+
+fn cgroup_figures(cgroup: Option<&Path>, init: Pid) -> agent::CgroupStats {
+    match cgroup {
+        Some(dir) => of_cgroup(dir),
+        None => process_stats(&[init], threads(init)),
+    }
+}
+
+/// The guest's interfaces but the loopback; none if /proc/net/dev cannot be read.
+pub(crate) fn guest_network() -> Vec<agent::NetworkStats> {
+    procfs::net::dev_status()
+        .map(|devices| network_stats(devices.into_values()))
+        .unwrap_or_default()
+}
+
+fn cgroup_pids(dir: &Path) -> Vec<Pid> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
         .map(|text| {
             text.lines()
                 .filter_map(|l| l.trim().parse().ok())
                 .map(Pid::from_raw)
                 .collect()
         })
-        .unwrap_or_default();
-    let thread_count = read("cgroup.threads").map_or(0, |t| t.lines().count() as u64);
+        .unwrap_or_default()
+}
+
+fn of_cgroup(dir: &Path) -> agent::CgroupStats {
+    let pids = cgroup_pids(dir);
+    let thread_count =
+        std::fs::read_to_string(dir.join("cgroup.threads")).map_or(0, |t| t.lines().count() as u64);
     // Start from the processes' own figures, then prefer the cgroup's wherever it has them.
     let mut stats = process_stats(&pids, thread_count);
     cgroup_stats::overlay(dir, &mut stats);
