@@ -76,6 +76,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         agent_text_limits: limits,
         abstract_socket: !args.no_abstract,
         pod: mgmt::pod_identity_from_annotations(&args.annotations.into_iter().collect()),
+        containers: Default::default(),
     })
     .await?;
     println!("ready");

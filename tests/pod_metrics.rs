@@ -248,53 +248,6 @@ fn cgroup_of(pid: i32, controller: &str) -> String {
         .unwrap_or_else(|| panic!("pid {pid} has no {controller} cgroup: {text}"))
 }
 
-/// One plain HTTP/1.0 GET to 127.0.0.1:`port`; returns the body of a 200.
-fn http_get(port: u16, path: &str) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to kata-monitor");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("the response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "GET {path}: {head}"
-    );
-    body.to_string()
-}
-
-/// kata-monitor on a free loopback port watching `run_dir`, with `extra` flags; returns it once
-/// it lists `sandbox`.
-fn start_monitor(run_dir: &Path, extra: &[&str], sandbox: &str) -> (support::Proc, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let child = Command::new(support::bin("kata-monitor"))
-        .args(["--listen-address", &format!("127.0.0.1:{port}")])
-        .arg("--run-dir")
-        .arg(run_dir)
-        .args(["--log-level", "warn"])
-        .args(extra)
-        .spawn()
-        .expect("start kata-monitor");
-    let monitor = support::Proc {
-        child,
-        name: "kata-monitor".into(),
-    };
-    wait_until(
-        "kata-monitor lists the pod",
-        Duration::from_secs(20),
-        || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && http_get(port, "/sandboxes").lines().any(|id| id == sandbox)
-        },
-    );
-    (monitor, port)
-}
-
 /// The cri_* labels on the monitor's `kata_guest_load` sample of `sandbox` (None: unlabelled).
 fn monitor_pod_labels(port: u16, sandbox: &str) -> [Option<String>; 3] {
     let samples = prom::samples(&http_get(port, "/metrics"));

@@ -1,6 +1,7 @@
 //! The shim management server: HTTP/1.1 on the sandbox's file socket and abstract socket.
 //!
-//! Both listeners serve one router: `GET /metrics`, `GET /agent-url` and `GET /pod-labels`, one
+//! Both listeners serve one router: `GET /metrics`, `GET /metrics/cadvisor`, `GET /agent-url` and
+//! `GET /pod-labels`, one
 //! request per connection. The abstract socket checks each peer right after accept ([`PeerPolicy`]);
 //! a refused peer gets its 403 at once, holding no slot and no request buffer, never a silent drop.
 //! Both listeners share one budget of connections ([`Admission`]): idle clients are closed after the
@@ -67,6 +68,8 @@ pub(crate) struct MgmtState {
     pub(crate) agent_url: String,
     /// The pod this sandbox belongs to (served on `/pod-labels`), when the shim knows it.
     pub(crate) pod: Option<PodIdentity>,
+    /// The containers' cAdvisor series (`/metrics/cadvisor`), when the shim serves them.
+    pub(crate) cadvisor: Option<Box<dyn MetricsSource>>,
 }
 
 /// Where the server listens.
@@ -370,7 +373,7 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>>
     let state = &shared.state;
     let readable = matches!(*req.method(), Method::GET | Method::HEAD);
     match req.uri().path() {
-        "/metrics" | "/agent-url" | "/pod-labels" if !readable => {
+        "/metrics" | "/metrics/cadvisor" | "/agent-url" | "/pod-labels" if !readable => {
             let mut response = text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed; use GET\n".to_string(),
@@ -386,6 +389,17 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>>
             let body = state.metrics.render().await;
             metrics_response(body, accepts_gzip(&req))
         }
+        "/metrics/cadvisor" => match &state.cadvisor {
+            Some(source) => {
+                let _turn = shared.renders.acquire().await.ok();
+                let body = source.render().await;
+                metrics_response(body, accepts_gzip(&req))
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                "this sandbox serves no cAdvisor series\n".to_string(),
+            ),
+        },
         "/agent-url" => text(StatusCode::OK, state.agent_url.clone()),
         "/pod-labels" => match &state.pod {
             Some(pod) => text(StatusCode::OK, pod.to_text()),

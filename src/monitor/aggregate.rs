@@ -170,6 +170,20 @@ pub(crate) fn shim_body(families: Vec<Family>) -> (ShimBody, usize) {
     (ShimBody { families: blocks }, dropped)
 }
 
+/// The prefix of every cAdvisor family: the only ones a shim's `/metrics/cadvisor` may serve.
+pub(crate) const CADVISOR_PREFIX: &str = "container_";
+
+/// Builds a sandbox's `/metrics/cadvisor` blocks: labels as the shim wrote them (kubelet's, no
+/// host labels added, none of [`HOST_LABELS`] kept), repeated families dropped.
+pub(crate) fn cadvisor_body(families: Vec<Family>) -> (ShimBody, usize) {
+    let mut blocks: Vec<FamilyBlock> = families.iter().map(|f| block_with(f, true)).collect();
+    blocks.sort_by(|a, b| a.name.cmp(&b.name));
+    let before = blocks.len();
+    blocks.dedup_by(|later, first| later.name == first.name);
+    let dropped = before - blocks.len();
+    (ShimBody { families: blocks }, dropped)
+}
+
 /// One of the monitor's own families as a block, labels as they are.
 pub(crate) fn block_of(family: &Family) -> FamilyBlock {
     block_with(family, false)

@@ -1,4 +1,5 @@
-//! kata-monitor's HTTP endpoints: `/metrics`, `/sandboxes`, `/agent-url`, `/` (hyper, HTTP/1.1).
+//! kata-monitor's HTTP endpoints: `/metrics`, `/metrics/cadvisor`, `/sandboxes`, `/agent-url`, `/`
+//! (hyper, HTTP/1.1).
 //! Which connections get to ask is `listener.rs`'s business.
 
 use std::convert::Infallible;
@@ -15,7 +16,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::render::{FamilyFilter, Format};
-use super::Monitor;
+use super::scrape::Endpoint;
+use super::{Monitor, ScrapeRequest};
 use crate::mgmt::client::{self, GetOptions};
 use crate::mgmt::paths;
 use crate::mgmt::server::accepts_gzip;
@@ -46,7 +48,7 @@ pub(crate) async fn route(req: Request<Incoming>, server: &Endpoints) -> Respons
     let path = req.uri().path().to_string();
     let known = matches!(
         path.as_str(),
-        "/" | "/metrics" | "/sandboxes" | "/agent-url"
+        "/" | "/metrics" | "/metrics/cadvisor" | "/sandboxes" | "/agent-url"
     );
     if !known {
         return text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}\n"));
@@ -63,7 +65,8 @@ pub(crate) async fn route(req: Request<Incoming>, server: &Endpoints) -> Respons
     }
     let query = Query::parse(req.uri().query().unwrap_or_default());
     match path.as_str() {
-        "/metrics" => metrics(&req, &query, server).await,
+        "/metrics" => metrics(&req, &query, server, Endpoint::Metrics).await,
+        "/metrics/cadvisor" => metrics(&req, &query, server, Endpoint::Cadvisor).await,
         "/sandboxes" => sandboxes(&req, monitor),
         "/agent-url" => agent_url(&query, monitor).await,
         _ => text(StatusCode::OK, INDEX.to_string()),
@@ -72,10 +75,16 @@ pub(crate) async fn route(req: Request<Incoming>, server: &Endpoints) -> Respons
 
 const INDEX: &str = "kata-monitor: one Prometheus target for every Kata sandbox on this node\n\n\
 /metrics                    every sandbox's metrics, labelled (?filter_family=prefix,...  ?sandbox=<id>)\n\
+/metrics/cadvisor           cAdvisor's container_* series for every container of every VM pod, as kubelet labels them\n\
 /sandboxes                  the sandboxes found, one id per line\n\
 /agent-url?sandbox=<id>     the agent URL of a sandbox\n";
 
-async fn metrics(req: &Request<Incoming>, query: &Query, server: &Endpoints) -> Response<Body> {
+async fn metrics(
+    req: &Request<Incoming>,
+    query: &Query,
+    server: &Endpoints,
+    endpoint: Endpoint,
+) -> Response<Body> {
     let monitor = &server.monitor;
     let format = Format::from_accept(header(req, ACCEPT));
     let gzip = accepts_gzip(req);
@@ -92,7 +101,17 @@ async fn metrics(req: &Request<Incoming>, query: &Query, server: &Endpoints) -> 
     let turn = server.scrapes.clone().acquire_owned().await.ok();
     let (tx, rx) = mpsc::channel(4);
     monitor
-        .scrape_into(only, budget, format, filter, gzip, tx)
+        .scrape_into(
+            ScrapeRequest {
+                only,
+                budget,
+                format,
+                filter,
+                gzip,
+                endpoint,
+            },
+            tx,
+        )
         .await;
     let mut response = Response::new(ChannelBody { rx, _turn: turn }.boxed());
     let headers = response.headers_mut();

@@ -31,7 +31,7 @@ use self::config::{Config, MAX_SCRAPE_DEADLINE};
 use self::metrics::MonitorMetrics;
 use self::render::{ChunkSink, FamilyFilter, Format};
 use self::sandboxes::{PodLabels, Sandbox, Sandboxes};
-use self::scrape::Scraper;
+use self::scrape::{Endpoint, ScrapeError, Scraper};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
@@ -46,6 +46,18 @@ pub enum MonitorError {
     },
     #[error("waiting for signals: {0}")]
     Signals(std::io::Error),
+}
+
+/// What one answer of `/metrics` or `/metrics/cadvisor` asks for.
+pub(crate) struct ScrapeRequest {
+    /// One sandbox (`?sandbox=<id>`), or all.
+    pub(crate) only: Option<Arc<Sandbox>>,
+    /// How long the client waits (Prometheus' scrape timeout), capped by the monitor's own.
+    pub(crate) budget: Option<Duration>,
+    pub(crate) format: Format,
+    pub(crate) filter: FamilyFilter,
+    pub(crate) gzip: bool,
+    pub(crate) endpoint: Endpoint,
 }
 
 /// The monitor's shared state.
@@ -75,15 +87,15 @@ impl Monitor {
 
     /// One scrape: every sandbox (or only `only`), then the output written into `tx` by a blocking
     /// task. Returns once the scrape is done; the output follows as the client reads it.
-    pub(crate) async fn scrape_into(
-        &self,
-        only: Option<Arc<Sandbox>>,
-        budget: Option<Duration>,
-        format: Format,
-        filter: FamilyFilter,
-        gzip: bool,
-        tx: mpsc::Sender<Bytes>,
-    ) {
+    pub(crate) async fn scrape_into(&self, request: ScrapeRequest, tx: mpsc::Sender<Bytes>) {
+        let ScrapeRequest {
+            only,
+            budget,
+            format,
+            filter,
+            gzip,
+            endpoint,
+        } = request;
         let started = Instant::now();
         let budget = budget.map_or(MAX_SCRAPE_DEADLINE, |b| b.min(MAX_SCRAPE_DEADLINE));
         let single = only.is_some();
@@ -91,7 +103,10 @@ impl Monitor {
             Some(sandbox) => vec![sandbox],
             None => self.sandboxes.all(),
         };
-        let results = self.scraper.scrape_all(targets, started + budget).await;
+        let results = self
+            .scraper
+            .scrape_all(targets, started + budget, endpoint)
+            .await;
 
         let mut sources: Vec<(String, Vec<FamilyBlock>)> = Vec::with_capacity(results.len() + 1);
         for scraped in results {
@@ -104,11 +119,18 @@ impl Monitor {
                         self.metrics.sandbox_up.with_label_values(&[id]).set(1);
                     }
                     self.metrics.dropped_families.inc_by(ok.dropped as u64);
-                    let pod = match scraped.sandbox.pod() {
-                        PodLabels::Known(Some(pod)) => pod,
-                        _ => Default::default(),
+                    let host = match (endpoint, scraped.sandbox.pod()) {
+                        // cAdvisor's series carry kubelet's labels, written by the shim.
+                        (Endpoint::Cadvisor, _) => String::new(),
+                        (Endpoint::Metrics, PodLabels::Known(Some(pod))) => {
+                            host_labels(id, &pod.pairs())
+                        }
+                        (Endpoint::Metrics, _) => host_labels(id, &Default::default()),
                     };
-                    sources.push((host_labels(id, &pod.pairs()), ok.body.families));
+                    sources.push((host, ok.body.families));
+                }
+                Err(ScrapeError::NotServed) => {
+                    tracing::debug!(sandbox = %id, "no /metrics/cadvisor (an upstream shim)");
                 }
                 // Deleted while it was being scraped (discovery has not seen it go yet): a
                 // sandbox that left, not one that failed.
@@ -126,7 +148,7 @@ impl Monitor {
         self.metrics
             .durations
             .observe(started.elapsed().as_secs_f64() * 1000.0);
-        if !single {
+        if !single && endpoint == Endpoint::Metrics {
             let own = families_of_registry(&self.metrics.registry.gather());
             sources.push((String::new(), own.iter().map(block_of).collect()));
         }

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::aggregate::{shim_body, ShimBody};
+use super::aggregate::{cadvisor_body, shim_body, ShimBody, CADVISOR_PREFIX};
 use super::cri::CriPods;
 use super::sandboxes::{PodLabels, Sandbox};
 use crate::metrics::exposition::{self, ExpositionError, Limits};
@@ -37,6 +37,9 @@ pub(crate) enum ScrapeError {
     ParserTask(#[source] tokio::task::JoinError),
     #[error("not scraped before the scrape deadline")]
     Deadline,
+    /// The shim does not have the endpoint (an upstream Kata shim has no `/metrics/cadvisor`).
+    #[error("the shim does not serve this endpoint")]
+    NotServed,
 }
 
 impl ScrapeError {
@@ -57,6 +60,25 @@ impl ScrapeError {
             | ScrapeError::NoFamilies { .. }
             | ScrapeError::ParserTask(_) => "malformed",
             ScrapeError::Deadline => "deadline",
+            ScrapeError::NotServed => "not_served",
+        }
+    }
+}
+
+/// Which of a shim's bodies a scrape reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// `/metrics`: the sandbox's `kata_*` families, labelled with the sandbox by the monitor.
+    Metrics,
+    /// `/metrics/cadvisor`: its containers' `container_*` series, which carry kubelet's labels.
+    Cadvisor,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::Metrics => "/metrics",
+            Endpoint::Cadvisor => "/metrics/cadvisor",
         }
     }
 }
@@ -108,6 +130,7 @@ impl Scraper {
         &self,
         sandboxes: Vec<Arc<Sandbox>>,
         deadline: Instant,
+        endpoint: Endpoint,
     ) -> Vec<Scraped> {
         let mut tasks = JoinSet::new();
         for (index, sandbox) in sandboxes.iter().enumerate() {
@@ -122,7 +145,7 @@ impl Scraper {
                 let timeout = scraper
                     .timeout
                     .min(deadline.saturating_duration_since(Instant::now()));
-                (index, scraper.scrape_one(&sandbox, timeout).await)
+                (index, scraper.scrape_one(&sandbox, timeout, endpoint).await)
             });
         }
         let mut results: Vec<Option<Result<ScrapedBody, ScrapeError>>> =
@@ -157,6 +180,7 @@ impl Scraper {
         &self,
         sandbox: &Sandbox,
         timeout: Duration,
+        endpoint: Endpoint,
     ) -> Result<ScrapedBody, ScrapeError> {
         let started = Instant::now();
         let options = GetOptions {
@@ -164,14 +188,17 @@ impl Scraper {
             max_body: MAX_SHIM_BODY,
             gzip: false,
         };
-        if sandbox.pod() == PodLabels::Unknown {
+        if endpoint == Endpoint::Metrics && sandbox.pod() == PodLabels::Unknown {
             learn_pod_labels(sandbox, &options, self.cri.as_deref()).await;
         }
         let options = GetOptions {
             timeout: timeout.saturating_sub(started.elapsed()),
             ..options
         };
-        let response = client::get(&sandbox.socket, "/metrics", &options).await?;
+        let response = client::get(&sandbox.socket, endpoint.path(), &options).await?;
+        if endpoint == Endpoint::Cadvisor && response.status == StatusCode::NOT_FOUND {
+            return Err(ScrapeError::NotServed);
+        }
         if response.status != StatusCode::OK {
             return Err(ScrapeError::Status(response.status));
         }
@@ -180,9 +207,12 @@ impl Scraper {
             return Err(ScrapeError::Deadline);
         };
         // Parsing is CPU work; keep it off the threads that drive sockets.
-        tokio::task::spawn_blocking(move || parse_body(&response.body, &limits))
-            .await
-            .map_err(ScrapeError::ParserTask)?
+        tokio::task::spawn_blocking(move || match endpoint {
+            Endpoint::Metrics => parse_body(&response.body, &limits),
+            Endpoint::Cadvisor => parse_cadvisor_body(&response.body, &limits),
+        })
+        .await
+        .map_err(ScrapeError::ParserTask)?
     }
 }
 
@@ -202,6 +232,25 @@ pub(crate) fn parse_body(body: &[u8], limits: &Limits) -> Result<ScrapedBody, Sc
     Ok(ScrapedBody {
         body,
         dropped: dropped + parsed.dropped.len(),
+    })
+}
+
+/// Reads a shim's `/metrics/cadvisor` body: only `container_*` families count (others are
+/// dropped), and an empty body is a sandbox without containers yet.
+pub(crate) fn parse_cadvisor_body(
+    body: &[u8],
+    limits: &Limits,
+) -> Result<ScrapedBody, ScrapeError> {
+    let text = std::str::from_utf8(body).map_err(ScrapeError::NotUtf8)?;
+    let parsed = exposition::parse(text, limits)?;
+    let (families, foreign): (Vec<_>, Vec<_>) = parsed
+        .families
+        .into_iter()
+        .partition(|f| f.name.starts_with(CADVISOR_PREFIX));
+    let (body, dropped) = cadvisor_body(families);
+    Ok(ScrapedBody {
+        body,
+        dropped: dropped + foreign.len() + parsed.dropped.len(),
     })
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::cadvisor::ContainerBook;
 use super::config::{self, Config};
 use super::hypervisor::{self, CgroupError, CgroupPath, Nic, Vm, VmConfig, VmError};
 use super::metrics::launch::{self, SandboxMetrics};
@@ -82,6 +83,7 @@ impl Sandbox {
         id: &str,
         namespace: &str,
         spec: SandboxSpec,
+        containers: Arc<ContainerBook>,
     ) -> Result<Sandbox, SandboxError> {
         let cgroup = match spec
             .cgroups_path
@@ -166,6 +168,7 @@ impl Sandbox {
             agent_text_limits: config.agent_text_limits(),
             abstract_socket: config.runtime.abstract_socket,
             pod: spec.pod,
+            containers,
         })
         .await
         {
@@ -430,7 +433,14 @@ mod tests {
     #[tokio::test]
     async fn a_cgroups_path_leaving_the_hierarchy_fails_the_start_before_anything_exists() {
         let dir = tempfile::tempdir().unwrap();
-        let result = Sandbox::start(&config(dir.path()), "sb", "ns", in_cgroup("/a/../../b")).await;
+        let result = Sandbox::start(
+            &config(dir.path()),
+            "sb",
+            "ns",
+            in_cgroup("/a/../../b"),
+            Arc::default(),
+        )
+        .await;
         let Err(err @ SandboxError::Cgroup { .. }) = result else {
             panic!("expected a cgroup error");
         };
@@ -442,7 +452,7 @@ mod tests {
     async fn a_systemd_drivers_path_is_left_out() {
         let dir = tempfile::tempdir().unwrap();
         let spec = in_cgroup("system.slice:cri-containerd:sb");
-        let result = Sandbox::start(&config(dir.path()), "sb", "ns", spec).await;
+        let result = Sandbox::start(&config(dir.path()), "sb", "ns", spec, Arc::default()).await;
         // Past the cgroup, up to the VM's check of its kernel.
         let Err(SandboxError::Vm {
             source: VmError::MissingFile { .. },

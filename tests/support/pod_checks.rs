@@ -1,6 +1,8 @@
 //! Checks on a CRI pod from outside: its QEMU in /proc, containerd's verbose info, its network
 //! namespace (`ip -j` through nsenter), ExecSync output.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -88,4 +90,51 @@ pub fn exec_text(pod: &Pod, id: &str, cmd: &[&str]) -> String {
     let reply = pod.exec_sync(id, cmd);
     assert_eq!(reply.exit_code, 0, "{cmd:?} in {id}: {reply:?}");
     String::from_utf8_lossy(&reply.stdout).into_owned()
+}
+
+/// One plain HTTP/1.0 GET to 127.0.0.1:`port`; returns the body of a 200.
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to kata-monitor");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("the response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "GET {path}: {head}"
+    );
+    body.to_string()
+}
+
+/// kata-monitor on a free loopback port watching `run_dir`, with `extra` flags; returns it once
+/// it lists `sandbox`.
+pub fn start_monitor(run_dir: &Path, extra: &[&str], sandbox: &str) -> (super::Proc, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let child = Command::new(super::bin("kata-monitor"))
+        .args(["--listen-address", &format!("127.0.0.1:{port}")])
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args(["--log-level", "warn"])
+        .args(extra)
+        .spawn()
+        .expect("start kata-monitor");
+    let monitor = super::Proc {
+        child,
+        name: "kata-monitor".into(),
+    };
+    wait_until(
+        "kata-monitor lists the pod",
+        Duration::from_secs(20),
+        || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && http_get(port, "/sandboxes").lines().any(|id| id == sandbox)
+        },
+    );
+    (monitor, port)
 }

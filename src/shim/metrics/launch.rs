@@ -10,6 +10,7 @@ use crate::agent_client::AgentClient;
 use crate::metrics::exposition::Limits;
 use crate::mgmt::server::{MgmtConfig, MgmtError, MgmtServer, MgmtState};
 use crate::mgmt::PodIdentity;
+use crate::shim::cadvisor::{CadvisorSource, ContainerBook};
 
 pub struct SandboxMetrics {
     pub sandbox_id: String,
@@ -23,6 +24,8 @@ pub struct SandboxMetrics {
     pub abstract_socket: bool,
     /// Pod labels for kata-monitor (see [`super::pod_identity_from_annotations`]).
     pub pod: Option<PodIdentity>,
+    /// The sandbox's containers, for `/metrics/cadvisor` (empty: no container series).
+    pub containers: Arc<ContainerBook>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,11 @@ pub async fn start(sandbox: SandboxMetrics) -> Result<MgmtServer, LaunchError> {
             sandbox.agent_text_limits,
         )),
         pod: sandbox.pod,
+        cadvisor: Some(Box::new(CadvisorSource {
+            sandbox_id: sandbox.sandbox_id.clone(),
+            agent: sandbox.agent.clone(),
+            book: sandbox.containers,
+        })),
     });
     let config = MgmtConfig {
         sandbox_id: sandbox.sandbox_id,

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use containerd_shim::api::{CreateTaskRequest, CreateTaskResponse};
 use containerd_shim::protos::events::task::{TaskCreate, TaskIO};
@@ -11,6 +12,7 @@ use containerd_shim::protos::topics;
 use super::error::TaskError;
 use super::{lock, TaskService};
 use crate::protocols::agent;
+use crate::shim::cadvisor::ContainerCard;
 use crate::shim::container::Container;
 use crate::shim::oci;
 use crate::shim::rootfs;
@@ -45,10 +47,17 @@ impl TaskService {
                     shim_id: self.shim_id.clone(),
                 });
             }
-            let sandbox =
-                Sandbox::start(config, &req.id, &self.namespace, oci::sandbox_spec(&spec))
-                    .await
-                    .map_err(Box::new)?;
+            let sandbox_spec = oci::sandbox_spec(&spec);
+            self.cadvisor_book.set_pod(sandbox_spec.pod.clone());
+            let sandbox = Sandbox::start(
+                config,
+                &req.id,
+                &self.namespace,
+                sandbox_spec,
+                self.cadvisor_book.clone(),
+            )
+            .await
+            .map_err(Box::new)?;
             *sandbox_slot = Some(sandbox);
             tokio::spawn(sandbox::watch_vm(self.sandbox.clone()));
         }
@@ -106,6 +115,8 @@ impl TaskService {
             shared_dir,
         ));
         lock(&self.containers).insert(req.id.clone(), container);
+        self.cadvisor_book
+            .add(&req.id, ContainerCard::from_spec(&spec, SystemTime::now()));
 
         self.events
             .publish(

@@ -55,6 +55,7 @@ impl TaskService {
         }
         rootfs::unshare(Some(&container.bundle), &container.shared_dir, &req.id);
         lock(&self.containers).remove(&req.id);
+        self.cadvisor_book.remove(&req.id);
 
         self.events
             .publish(

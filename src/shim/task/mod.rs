@@ -35,6 +35,7 @@ use containerd_shim::api::{
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 
 use self::error::TaskError;
+use super::cadvisor::ContainerBook;
 use super::config::{Config, ConfigError};
 use super::container::{Container, Process};
 use super::events::{Events, Publisher};
@@ -52,6 +53,8 @@ pub struct TaskService {
     exit: Arc<ExitSignal>,
     sandbox: SandboxSlot,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// The containers as `/metrics/cadvisor` labels them (shared with the sandbox's server).
+    cadvisor_book: Arc<ContainerBook>,
 }
 
 impl TaskService {
@@ -71,6 +74,7 @@ impl TaskService {
             exit,
             sandbox,
             containers: Mutex::new(HashMap::new()),
+            cadvisor_book: Arc::default(),
         }
     }
 
