@@ -69,6 +69,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         namespace: args.namespace,
         run_dir: args.run_dir.unwrap_or_else(|| paths::run_dir(None)),
         hypervisor_pid: args.hypervisor_pid,
+        vsock_daemon_pid: None,
         agent: Arc::new(
             AgentClient::new(args.agent_url, timeouts)
                 .with_durations(Some(registry::agent_rpc_durations())),

@@ -18,6 +18,35 @@ use support::prom;
 
 static VM_LOCK: Mutex<()> = Mutex::new(());
 
+/// The child of `parent` whose command name is `comm` (/proc/<pid>/stat's second and fourth fields).
+fn child_named(parent: i32, comm: &str) -> i32 {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let Some((name, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(") "))
+            else {
+                return false;
+            };
+            let ppid = rest
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<i32>().ok());
+            name == comm && ppid == Some(parent)
+        })
+        .unwrap_or_else(|| panic!("no child {comm:?} of {parent}"))
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process's stat");
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / procfs::ticks_per_second() as f64
+}
+
 fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -271,6 +300,36 @@ fn a_detached_sandbox_serves_its_guests_metrics_and_delete_leaves_nothing() {
     assert!(
         (0.0..=100.0 * num_cpus() as f64).contains(&overhead_cpu),
         "CPU overhead {overhead_cpu}%"
+    );
+
+    // Host and guest side by side: the host figures against the shim's, QEMU's and the vsock
+    // daemon's /proc entries read here; the overhead is their difference in the same scrape.
+    let daemon = child_named(shim, "vhost-device-vs");
+    let host_pids = [shim, qemu, daemon];
+    let host_memory = prom::value(&last, "kata_shim_pod_host_memory_bytes", &[])
+        .expect("kata_shim_pod_host_memory_bytes");
+    let guest_memory = prom::value(&last, "kata_shim_pod_guest_memory_bytes", &[])
+        .expect("kata_shim_pod_guest_memory_bytes");
+    let rss_now: u64 = host_pids
+        .iter()
+        .map(|&pid| support::rss_kib(pid) * 1024)
+        .sum();
+    assert!(
+        (host_memory - rss_now as f64).abs() <= 0.1 * rss_now as f64,
+        "host memory {host_memory} vs the RSS of shim, QEMU and vsock daemon {rss_now}"
+    );
+    assert_eq!(overhead_memory, (host_memory - guest_memory).max(0.0));
+    let host_cpu = prom::value(&last, "kata_shim_pod_host_cpu_seconds_total", &[])
+        .expect("kata_shim_pod_host_cpu_seconds_total");
+    let cpu_now: f64 = host_pids.iter().map(|&pid| cpu_seconds(pid)).sum();
+    assert!(
+        host_cpu > 0.0 && host_cpu <= cpu_now + 0.05,
+        "host CPU {host_cpu} s, the processes' /proc says {cpu_now} s now"
+    );
+    let cached = prom::value(&last, "kata_guest_meminfo", &[("item", "cached")]);
+    assert_eq!(
+        prom::value(&last, "kata_shim_pod_guest_page_cache_bytes", &[]),
+        cached
     );
 
     // The pod identity comes from the sandbox's annotations, for kata-monitor's labels.

@@ -164,6 +164,7 @@ impl Sandbox {
             namespace: namespace.to_string(),
             run_dir: dirs.run_dir.clone(),
             hypervisor_pid: Some(vm.pid()),
+            vsock_daemon_pid: vm.vsock_daemon_pid(),
             agent: agent.clone(),
             agent_text_limits: config.agent_text_limits(),
             abstract_socket: config.runtime.abstract_socket,

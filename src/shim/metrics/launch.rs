@@ -18,6 +18,8 @@ pub struct SandboxMetrics {
     pub run_dir: PathBuf,
     /// The VMM process, watched by the `kata_hypervisor_*` families.
     pub hypervisor_pid: Option<i32>,
+    /// The VM's vsock daemon (hybrid vsock), part of the pod's host cost.
+    pub vsock_daemon_pid: Option<i32>,
     pub agent: Arc<AgentClient>,
     /// Bounds on the agent's metrics text.
     pub agent_text_limits: Limits,
@@ -41,6 +43,7 @@ pub async fn start(sandbox: SandboxMetrics) -> Result<MgmtServer, LaunchError> {
     if let Some(pid) = sandbox.hypervisor_pid {
         registry::register_hypervisor(pid)?;
     }
+    registry::set_vsock_daemon(sandbox.vsock_daemon_pid);
     let state = Arc::new(MgmtState {
         agent_url: sandbox.agent.url().to_string(),
         metrics: Box::new(ShimScraper::new(

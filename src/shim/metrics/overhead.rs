@@ -1,13 +1,18 @@
-//! Pod overhead (`kata_shim_pod_overhead_cpu`, `kata_shim_pod_overhead_memory_in_bytes`): what a
-//! sandbox costs the host beyond what its guest itself uses.
+//! What a pod costs the host and what it uses inside, side by side, and the overhead between them.
 //!
-//! - CPU, in percent of one CPU: the CPU time the shim and the hypervisor used on the host, minus the
-//!   busy CPU time the guest reports, over the time between two scrapes.
-//! - Memory, in bytes: the resident memory of the shim and the hypervisor, minus the guest's used
-//!   memory (MemTotal - MemAvailable).
+//! - Host: `kata_shim_pod_host_cpu_seconds_total` and `kata_shim_pod_host_memory_bytes`, the CPU
+//!   time and resident memory of the shim, the hypervisor and the vsock daemon (the processes a VM
+//!   pod adds to the node).
+//! - Guest: `kata_shim_pod_guest_cpu_seconds_total` (busy time of all guest CPUs),
+//!   `kata_shim_pod_guest_memory_bytes` (MemTotal - MemAvailable) and
+//!   `kata_shim_pod_guest_page_cache_bytes` (the guest's page cache, which sits in guest RAM that
+//!   the host holds resident).
+//! - Overhead (Kata's names): `kata_shim_pod_overhead_memory_in_bytes` = host memory - guest
+//!   memory, `kata_shim_pod_overhead_cpu` = host CPU - guest CPU between two scrapes, in percent
+//!   of one CPU.
 //!
-//! Both need the guest's figures of the same scrape: a scrape without them (agent down) reports no
-//! overhead rather than a wrong one, and the first scrape has no CPU interval yet.
+//! Guest figures and overhead need the guest's text of the same scrape: a scrape without it (agent
+//! down) reports none of them rather than wrong ones, and the first scrape has no CPU interval.
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -27,6 +32,7 @@ pub(crate) struct GuestUsage {
     /// Busy CPU time of all guest CPUs, in clock ticks.
     pub(crate) busy_ticks: f64,
     pub(crate) used_memory_bytes: f64,
+    pub(crate) page_cache_bytes: f64,
 }
 
 impl GuestUsage {
@@ -56,6 +62,7 @@ impl GuestUsage {
         Some(GuestUsage {
             busy_ticks,
             used_memory_bytes,
+            page_cache_bytes: item("cached").unwrap_or(0.0),
         })
     }
 }
@@ -73,11 +80,19 @@ struct State {
     last: Option<Reading>,
     cpu_percent: Option<f64>,
     memory_bytes: Option<f64>,
+    /// CPU ticks and resident bytes of the host processes, at the last scrape.
+    host: Option<(u64, f64)>,
+    guest: Option<GuestUsage>,
 }
 
 pub(crate) struct PodOverhead {
     cpu: GaugeSpec,
     memory: GaugeSpec,
+    host_cpu: Desc,
+    host_memory: GaugeSpec,
+    guest_cpu: Desc,
+    guest_memory: GaugeSpec,
+    guest_page_cache: GaugeSpec,
     state: Mutex<State>,
 }
 
@@ -94,18 +109,49 @@ impl PodOverhead {
                 "Kata Pod overhead for memory resources(bytes).",
                 &[],
             )?,
+            host_cpu: counter_desc(
+                "kata_shim_pod_host_cpu_seconds_total",
+                "CPU time the pod's host processes (shim, hypervisor, vsock daemon) used (seconds).",
+            )?,
+            host_memory: GaugeSpec::new(
+                "kata_shim_pod_host_memory_bytes",
+                "Resident memory of the pod's host processes (shim, hypervisor, vsock daemon) (bytes).",
+                &[],
+            )?,
+            guest_cpu: counter_desc(
+                "kata_shim_pod_guest_cpu_seconds_total",
+                "Busy CPU time of all the guest's CPUs (seconds).",
+            )?,
+            guest_memory: GaugeSpec::new(
+                "kata_shim_pod_guest_memory_bytes",
+                "Memory the guest uses: MemTotal - MemAvailable (bytes).",
+                &[],
+            )?,
+            guest_page_cache: GaugeSpec::new(
+                "kata_shim_pod_guest_page_cache_bytes",
+                "The guest's page cache, resident on the host as guest RAM (bytes).",
+                &[],
+            )?,
             state: Mutex::new(State::default()),
         })
     }
 
     /// Recomputes the overhead from this scrape's guest figures and the host processes now.
-    pub(crate) fn update(&self, guest: Option<GuestUsage>, hypervisor_pid: Option<i32>) {
+    /// `host_pids`: the hypervisor and the vsock daemon (the shim counts itself).
+    pub(crate) fn update(&self, guest: Option<GuestUsage>, host_pids: &[i32]) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let host = guest.and_then(|guest| Some((guest, host_usage(hypervisor_pid)?)));
-        let Some((guest, (host_ticks, host_rss))) = host else {
-            *state = State::default();
+        let host_now = host_usage(host_pids);
+        let both = guest.and_then(|guest| Some((guest, host_now?)));
+        let Some((guest, (host_ticks, host_rss))) = both else {
+            *state = State {
+                host: host_now,
+                guest,
+                ..State::default()
+            };
             return;
         };
+        state.host = host_now;
+        state.guest = Some(guest);
         let now = Reading {
             at: Instant::now(),
             host_ticks,
@@ -130,16 +176,20 @@ fn cpu_percent(last: &Reading, now: &Reading, ticks_per_second: u64) -> f64 {
     ((host - guest).max(0.0) / (seconds * ticks_per_second as f64) * 100.0).max(0.0)
 }
 
-/// CPU ticks and resident bytes of this process (the shim) plus the hypervisor, if it is readable.
-fn host_usage(hypervisor_pid: Option<i32>) -> Option<(u64, f64)> {
-    let hypervisor_pid = hypervisor_pid?;
+/// CPU ticks and resident bytes of this process (the shim) plus `pids`; `None` without a
+/// hypervisor or when one of them cannot be read (it exited: the VM is going).
+fn host_usage(pids: &[i32]) -> Option<(u64, f64)> {
+    if pids.is_empty() {
+        return None;
+    }
     let page_size = procfs::page_size() as f64;
     let mut ticks = 0;
     let mut rss = 0.0;
-    for process in [
-        procfs::process::Process::myself(),
-        procfs::process::Process::new(hypervisor_pid),
-    ] {
+    let processes = pids
+        .iter()
+        .map(|&pid| procfs::process::Process::new(pid))
+        .chain([procfs::process::Process::myself()]);
+    for process in processes {
         let stat = process.and_then(|p| p.stat()).ok()?;
         ticks += stat.utime + stat.stime;
         rss += stat.rss as f64 * page_size;
@@ -147,14 +197,58 @@ fn host_usage(hypervisor_pid: Option<i32>) -> Option<(u64, f64)> {
     Some((ticks, rss))
 }
 
+fn counter_desc(name: &str, help: &str) -> prometheus::Result<Desc> {
+    Desc::new(
+        name.to_string(),
+        help.to_string(),
+        Vec::new(),
+        std::collections::HashMap::new(),
+    )
+}
+
+/// A counter family with one unlabelled sample.
+fn counter(desc: &Desc, value: f64) -> MetricFamily {
+    let mut counter = prometheus::proto::Counter::default();
+    counter.set_value(value);
+    let mut family = MetricFamily::default();
+    family.set_name(desc.fq_name.clone());
+    family.set_help(desc.help.clone());
+    family.set_field_type(prometheus::proto::MetricType::COUNTER);
+    let mut metric = prometheus::proto::Metric::default();
+    metric.set_counter(counter);
+    family.mut_metric().push(metric);
+    family
+}
+
 impl Collector for PodOverhead {
     fn desc(&self) -> Vec<&Desc> {
-        vec![&self.cpu.desc, &self.memory.desc]
+        vec![
+            &self.cpu.desc,
+            &self.memory.desc,
+            &self.host_cpu,
+            &self.host_memory.desc,
+            &self.guest_cpu,
+            &self.guest_memory.desc,
+            &self.guest_page_cache.desc,
+        ]
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
+        let ticks_per_second = procfs::ticks_per_second().max(1) as f64;
+        if let Some((ticks, rss)) = state.host {
+            out.push(counter(&self.host_cpu, ticks as f64 / ticks_per_second));
+            out.push(self.host_memory.single(rss));
+        }
+        if let Some(guest) = state.guest {
+            out.push(counter(
+                &self.guest_cpu,
+                guest.busy_ticks / ticks_per_second,
+            ));
+            out.push(self.guest_memory.single(guest.used_memory_bytes));
+            out.push(self.guest_page_cache.single(guest.page_cache_bytes));
+        }
         if let Some(cpu) = state.cpu_percent {
             out.push(self.cpu.single(cpu));
         }
@@ -181,13 +275,15 @@ kata_guest_cpu_time{cpu=\"total\",item=\"idle\"} 1000
 kata_guest_cpu_time{cpu=\"total\",item=\"guest\"} 7
 kata_guest_meminfo{item=\"mem_total\"} 1000
 kata_guest_meminfo{item=\"mem_available\"} 600
+kata_guest_meminfo{item=\"cached\"} 300
 ";
         let families = parse(text, &Limits::default()).unwrap().families;
         assert_eq!(
             GuestUsage::from_families(&families),
             Some(GuestUsage {
                 busy_ticks: 15.0,
-                used_memory_bytes: 400.0
+                used_memory_bytes: 400.0,
+                page_cache_bytes: 300.0,
             })
         );
         assert_eq!(GuestUsage::from_families(&families[..1]), None);
@@ -217,27 +313,67 @@ kata_guest_meminfo{item=\"mem_available\"} 600
     }
 
     #[test]
-    fn no_guest_figures_means_no_overhead_families() {
+    fn host_and_guest_side_by_side_and_no_overhead_without_the_guest() {
         let overhead = PodOverhead::new().unwrap();
         let child = std::process::id() as i32;
         let guest = GuestUsage {
-            busy_ticks: 0.0,
-            used_memory_bytes: 0.0,
+            busy_ticks: 250.0,
+            used_memory_bytes: 1000.0,
+            page_cache_bytes: 300.0,
         };
-        overhead.update(Some(guest), Some(child));
-        let names: Vec<String> = overhead
-            .collect()
-            .iter()
-            .map(|f| f.name().to_string())
-            .collect();
+        let names = |overhead: &PodOverhead| -> Vec<String> {
+            let mut names: Vec<String> = overhead
+                .collect()
+                .iter()
+                .map(|f| f.name().to_string())
+                .collect();
+            names.sort();
+            names
+        };
+        overhead.update(Some(guest), &[child]);
         assert_eq!(
-            names,
-            ["kata_shim_pod_overhead_memory_in_bytes"],
+            names(&overhead),
+            [
+                "kata_shim_pod_guest_cpu_seconds_total",
+                "kata_shim_pod_guest_memory_bytes",
+                "kata_shim_pod_guest_page_cache_bytes",
+                "kata_shim_pod_host_cpu_seconds_total",
+                "kata_shim_pod_host_memory_bytes",
+                "kata_shim_pod_overhead_memory_in_bytes",
+            ],
             "no CPU interval yet"
         );
-        overhead.update(Some(guest), Some(child));
-        assert_eq!(overhead.collect().len(), 2);
-        overhead.update(None, Some(child));
-        assert!(overhead.collect().is_empty());
+        let value = |name: &str| -> f64 {
+            let families = overhead.collect();
+            let family = families.iter().find(|f| f.name() == name).unwrap();
+            let metric = &family.get_metric()[0];
+            metric.get_gauge().value() + metric.get_counter().value()
+        };
+        // The overhead is the host figure less the guest's, in the same scrape.
+        let host = value("kata_shim_pod_host_memory_bytes");
+        assert_eq!(
+            value("kata_shim_pod_overhead_memory_in_bytes"),
+            (host - 1000.0).max(0.0)
+        );
+        let ticks = procfs::ticks_per_second() as f64;
+        assert_eq!(
+            value("kata_shim_pod_guest_cpu_seconds_total"),
+            250.0 / ticks
+        );
+        assert_eq!(value("kata_shim_pod_guest_page_cache_bytes"), 300.0);
+        overhead.update(Some(guest), &[child]);
+        assert_eq!(names(&overhead).len(), 7);
+        // Without the guest's text: the host side only.
+        overhead.update(None, &[child]);
+        assert_eq!(
+            names(&overhead),
+            [
+                "kata_shim_pod_host_cpu_seconds_total",
+                "kata_shim_pod_host_memory_bytes"
+            ]
+        );
+        // Without a hypervisor: the guest side only.
+        overhead.update(Some(guest), &[]);
+        assert_eq!(names(&overhead).len(), 3);
     }
 }

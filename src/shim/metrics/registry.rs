@@ -86,6 +86,9 @@ lazy_static! {
 
     /// The pid whose hypervisor collector is registered, so a new VM replaces the old one.
     static ref HYPERVISOR_PID: Mutex<Option<i32>> = Mutex::new(None);
+
+    /// The VM's vsock daemon (hybrid vsock), counted in the pod's host cost.
+    static ref VSOCK_DAEMON_PID: Mutex<Option<i32>> = Mutex::new(None);
 }
 
 /// Where the shim's agent clients report their calls' latency ([`AGENT_RPC_DURATIONS`]).
@@ -135,11 +138,31 @@ pub(crate) fn hypervisor_pid() -> Option<i32> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Counts the VM's vsock daemon in the pod's host cost (see [`super::overhead`]).
+pub(crate) fn set_vsock_daemon(pid: Option<i32>) {
+    *VSOCK_DAEMON_PID
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = pid;
+}
+
+/// The VM's host processes besides the shim: the hypervisor, then the vsock daemon; none without
+/// a hypervisor.
+pub(crate) fn host_pids() -> Vec<i32> {
+    let Some(hypervisor) = hypervisor_pid() else {
+        return Vec::new();
+    };
+    let daemon = *VSOCK_DAEMON_PID
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    std::iter::once(hypervisor).chain(daemon).collect()
+}
+
 /// Removes the hypervisor families (the VM is gone).
 pub(crate) fn unregister_hypervisor() {
     let mut current = HYPERVISOR_PID
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    set_vsock_daemon(None);
     if let Some(pid) = current.take() {
         if let Ok(collector) = hypervisor_collector(pid) {
             let _ = REGISTRY.unregister(collector);

@@ -84,7 +84,7 @@ impl ShimScraper {
 
         POD_OVERHEAD.update(
             GuestUsage::from_families(&agent_families),
-            registry::hypervisor_pid(),
+            &registry::host_pids(),
         );
         let host = REGISTRY.gather();
         let host_names: HashSet<&str> = host.iter().map(|mf| mf.name()).collect();
