@@ -124,4 +124,14 @@ else
     echo "demo: kata-monitor has no series of pod web" >&2
     status=1
 fi
+
+step "kata-monitor /metrics/cadvisor: cAdvisor's container_* series of pod web, measured in the guest"
+cadvisor=$(busybox wget -q -O - "http://127.0.0.1:$port/metrics/cadvisor" 2>/dev/null \
+    | grep -E '^container_(cpu_usage_seconds_total|memory_working_set_bytes|spec_memory_limit_bytes)\{.*pod="web"' || true)
+if [[ -n $cadvisor ]]; then
+    echo "$cadvisor"
+else
+    echo "demo: kata-monitor has no cAdvisor series of pod web" >&2
+    status=1
+fi
 exit $status
