@@ -4,12 +4,13 @@
 //! the ttrpc stream is consumed. Every step runs under the caller's deadline, since neither connect
 //! nor the handshake has a timeout of its own.
 //!
-//! A hybrid vsock connection whose `CONNECT` is unanswered is never closed by us, even when the
-//! caller gives up: vhost-device-vsock 0.3 writes the guest's late answer to our side without
-//! checking, and a closed socket panics its vring thread, which ends the agent channel for good
-//! (a paused or slow guest did that). The handshake runs in a task of its own that keeps the socket
-//! until the answer came; at most [`MAX_PENDING_CONNECTS`] such tasks wait at once, after which a
-//! connect fails at once.
+//! A hybrid vsock connection whose `CONNECT` is unanswered is not closed by us when the caller
+//! gives up: vhost-device-vsock 0.3 writes the guest's late answer to our side without checking,
+//! and a closed socket panics its vring thread, which ends the agent channel for good (a paused or
+//! slow guest did that). The handshake runs in a task of its own that keeps the socket until the
+//! answer came, or for [`PENDING_CONNECT_HOLD`] (a CONNECT sent before the guest's vsock driver
+//! was up can stay unanswered for good); at most [`MAX_PENDING_CONNECTS`] such tasks wait at
+//! once, after which a connect fails at once.
 
 use std::io;
 use std::path::Path;
@@ -28,6 +29,9 @@ const MAX_HANDSHAKE_LINE: usize = 128;
 /// Hybrid vsock handshakes that may wait for the guest at once (in this process).
 pub(crate) const MAX_PENDING_CONNECTS: usize = 8;
 static PENDING_CONNECTS: AtomicUsize = AtomicUsize::new(0);
+/// How long an unanswered CONNECT is kept open: far beyond any answer of a running guest (a
+/// guest paused longer than this and then answering is the one case left to the daemon's bug).
+pub(crate) const PENDING_CONNECT_HOLD: Duration = Duration::from_secs(120);
 
 /// One of [`MAX_PENDING_CONNECTS`], given back on drop.
 struct PendingConnect;
@@ -97,7 +101,17 @@ async fn connect_unbounded(url: &AgentUrl) -> Result<Socket, TransportError> {
             let port = *port;
             tokio::spawn(async move {
                 let mut stream = stream;
-                let result = hybrid_vsock_handshake(&mut stream, port).await;
+                let result = match tokio::time::timeout(
+                    PENDING_CONNECT_HOLD,
+                    hybrid_vsock_handshake(&mut stream, port),
+                )
+                .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(format!(
+                        "no answer to CONNECT {port} within {PENDING_CONNECT_HOLD:?}"
+                    )),
+                };
                 drop(pending);
                 // A caller that gave up drops the receiver: the stream closes here, answered.
                 let _ = answer.send(result.map(|()| stream));
@@ -263,6 +277,32 @@ mod tests {
         let (answered, closed_after) = peer.await.unwrap();
         answered.expect("the late answer found the connection open");
         assert_eq!(closed_after.expect("closed cleanly by us"), b"");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_never_answered_is_closed_after_the_hold_and_gives_its_slot_back() {
+        let _slots = SLOTS.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut rest = Vec::new();
+            // Never answers; returns once our side closes.
+            stream.read_to_end(&mut rest).await.map(|_| rest)
+        });
+        let url = AgentUrl::Hvsock { path, port: 1024 };
+        let err = connect(&url, Duration::from_millis(100))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
+        assert_eq!(PENDING_CONNECTS.load(Ordering::Acquire), 1);
+        // Paused time jumps ahead while everything waits.
+        tokio::time::sleep(PENDING_CONNECT_HOLD + Duration::from_secs(1)).await;
+        let sent = peer.await.unwrap().expect("closed cleanly by us");
+        assert_eq!(sent, b"CONNECT 1024\n");
+        assert_eq!(PENDING_CONNECTS.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]

@@ -35,6 +35,8 @@ use crate::agent::url::{AgentUrl, DEFAULT_AGENT_PORT};
 use crate::agent_client::{AgentClient, AgentTimeouts, RpcDurations};
 
 /// The guest context id given to the vsock daemon (each VM has its own daemon).
+/// The longest a boot health check waits for one answer before it tries again.
+const MAX_HEALTH_CHECK_PATIENCE: Duration = Duration::from_secs(8);
 const HYBRID_GUEST_CID: u32 = 3;
 /// How long the vsock daemon may take to create its socket.
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -332,20 +334,12 @@ impl Vm {
         timeout: Duration,
         durations: Option<RpcDurations>,
     ) -> Result<(), VmError> {
-        // A connection is never given up while its CONNECT is pending: vhost-device-vsock 0.3
-        // panics (its vring thread, for good) when the guest's answer finds the host side closed,
-        // which a slow TCG guest made happen about once in ten boots. Unanswered, the guest
-        // answers "nobody listens" quickly once its vsock driver is up.
-        let client = AgentClient::new(
-            self.agent_url.clone(),
-            AgentTimeouts {
-                connect: timeout,
-                metrics: timeout,
-                request: timeout,
-            },
-        )
-        .with_durations(durations);
+        // Each attempt waits a little longer (1 s, 2 s, 4 s, then 8 s), and one that gives up
+        // leaves its CONNECT pending rather than closing it (see `agent::transport`): a CONNECT
+        // sent before the guest's vsock driver is up may never be answered, and one attempt
+        // waiting for it would hang the boot; one answered late must not find our side closed.
         let deadline = Instant::now() + timeout;
+        let mut patience = Duration::from_secs(1);
         loop {
             if let Some(qemu) = self.qemu.as_mut() {
                 if let Ok(Some(status)) = qemu.try_wait() {
@@ -355,12 +349,26 @@ impl Vm {
             if let Some(err) = self.daemon_exited() {
                 return Err(err);
             }
+            if let Some(trouble) = self.trouble() {
+                return Err(self.lost(trouble));
+            }
             let left = deadline.saturating_duration_since(Instant::now());
+            let patience_now = patience.min(left);
+            patience = (patience * 2).min(MAX_HEALTH_CHECK_PATIENCE);
+            let client = AgentClient::new(
+                self.agent_url.clone(),
+                AgentTimeouts {
+                    connect: patience_now,
+                    metrics: patience_now,
+                    request: patience_now,
+                },
+            )
+            .with_durations(durations.clone());
             let attempt = Instant::now();
-            let err = match tokio::time::timeout(left, client.serving()).await {
+            let err = match tokio::time::timeout(patience_now, client.serving()).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(err)) => err.to_string(),
-                Err(_) => format!("no answer to a health check within {left:?}"),
+                Err(_) => format!("no answer to a health check within {patience_now:?}"),
             };
             tracing::debug!(
                 took_ms = attempt.elapsed().as_millis() as u64,
@@ -371,8 +379,12 @@ impl Vm {
                     what: "the guest's agent",
                     timeout,
                     reason: err,
-                    log_name: CONSOLE_LOG,
-                    log_tail: self.console_tail(),
+                    log_name: "console.log and the vsock daemon's log",
+                    log_tail: format!(
+                        "{}\n--- {DAEMON_LOG} (tail) ---\n{}",
+                        self.console_tail(),
+                        log_tail(&self.state_dir.join(DAEMON_LOG))
+                    ),
                 });
             }
             tokio::time::sleep(Duration::from_millis(100).min(left)).await;
@@ -387,6 +399,16 @@ impl Vm {
             status,
             log_name: "console.log and qemu.log",
             log_tail: format!("{console}\n--- qemu.log (tail) ---\n{qemu_log}"),
+        }
+    }
+
+    /// The VM cannot run its guest any more ([`Vm::trouble`]) while it boots.
+    fn lost(&self, trouble: String) -> VmError {
+        VmError::Exited {
+            what: "the VM",
+            status: trouble,
+            log_name: "the vsock daemon's log",
+            log_tail: log_tail(&self.state_dir.join(DAEMON_LOG)),
         }
     }
 
