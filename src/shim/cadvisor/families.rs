@@ -37,7 +37,7 @@ pub(crate) fn build(
     out.finish()
 }
 
-/// kubelet's labels, in the order cAdvisor writes them (sorted by name).
+/// kubelet's labels (`containerPrometheusLabelsFunc`).
 fn base_labels(
     card: &ContainerCard,
     id: &str,
@@ -66,13 +66,11 @@ fn container_series(
 ) {
     use MetricType::{Counter, Gauge};
     let secs = |ns: u64| ns as f64 / NANOS;
-    out.add(
-        CPU_USAGE,
-        Counter,
-        base,
-        &[("cpu", "total")],
-        secs(c.cpu_total_ns),
-    );
+    // cAdvisor without per-CPU figures (kubelet's set): one `cpu="total"` sample, once there is any.
+    if c.cpu_total_ns > 0 {
+        let total = secs(c.cpu_total_ns);
+        out.add(CPU_USAGE, Counter, base, &[("cpu", "total")], total);
+    }
     out.add(CPU_USER, Counter, base, &[], secs(c.cpu_user_ns));
     out.add(CPU_SYSTEM, Counter, base, &[], secs(c.cpu_system_ns));
     // cAdvisor has CFS figures only for a container with a CPU quota.
@@ -329,6 +327,8 @@ impl Families {
     ) {
         let mut labels = base.to_vec();
         labels.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        // As Prometheus' Go client writes them: sorted by name.
+        labels.sort();
         let sample = Sample {
             name: name.to_string(),
             labels,
@@ -414,12 +414,12 @@ mod tests {
             names,
             [
                 "container",
+                "cpu",
                 "id",
                 "image",
                 "name",
                 "namespace",
-                "pod",
-                "cpu"
+                "pod"
             ]
         );
         assert_eq!(cpu.label("pod"), Some("web-0"));
