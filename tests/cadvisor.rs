@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::containerd::*;
-use support::cri::{Kubelet, Pod};
+use support::cri::Kubelet;
 use support::pod_checks::*;
 use support::prom;
 
@@ -97,35 +97,6 @@ fn limits(memory: i64) -> k8s_cri::v1::LinuxContainerResources {
         cpu_shares: 512,
         ..Default::default()
     }
-}
-
-/// A container's cgroup directory in the guest, from its own /proc/self/cgroup.
-fn guest_cgroup(pod: &Pod, id: &str) -> String {
-    let text = exec_text(pod, id, &["cat", "/proc/self/cgroup"]);
-    let path = text
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .unwrap_or_else(|| panic!("no cgroup v2 line in {id}'s /proc/self/cgroup: {text:?}"));
-    format!("/sys/fs/cgroup{}", path.trim())
-}
-
-fn guest_keyed(pod: &Pod, id: &str, file: &str) -> BTreeMap<String, u64> {
-    let path = format!("{}/{file}", guest_cgroup(pod, id));
-    exec_text(pod, id, &["cat", &path])
-        .lines()
-        .filter_map(|line| {
-            let (key, value) = line.split_once(' ')?;
-            Some((key.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// usage − inactive_file of the container's guest cgroup, as cAdvisor defines the working set.
-fn guest_working_set(pod: &Pod, id: &str) -> f64 {
-    let cgroup = guest_cgroup(pod, id);
-    let current = exec_text(pod, id, &["cat", &format!("{cgroup}/memory.current")]);
-    let current: u64 = current.trim().parse().expect("memory.current");
-    (current - guest_keyed(pod, id, "memory.stat")["inactive_file"]) as f64
 }
 
 #[test]
@@ -293,7 +264,7 @@ fn a_vm_pods_containers_have_cadvisors_series_for_prometheus() {
 
     let working_set = format!("container_memory_working_set_bytes{}", selector("anon"));
     let answer = query(prom_port, &working_set);
-    let guest_ws = guest_working_set(&pod, &anon);
+    let guest_ws = guest_working_set(&pod, &anon) as f64;
     let [(_, prom_ws)] = answer.as_slice() else {
         panic!("{working_set}: {answer:?}");
     };
@@ -312,18 +283,11 @@ fn a_vm_pods_containers_have_cadvisors_series_for_prometheus() {
 /// Debian's Prometheus is built without) replaced by the monitor's address, with the pod labels
 /// the job's relabelling keeps.
 fn start_prometheus(dir: &std::path::Path, monitor_port: u16) -> (support::Proc, u16) {
-    let shipped = support::containerd::repo().join("deploy/prometheus/kata-monitor-cadvisor.yaml");
-    let job = std::fs::read_to_string(&shipped).expect("the shipped scrape job");
-    let discovery = "    kubernetes_sd_configs:\n      - role: pod\n";
-    assert!(
-        job.contains(discovery),
-        "{} changed its discovery",
-        shipped.display()
-    );
-    let job = job.replace(
-        discovery,
+    let job = shipped_job(
+        "kata-monitor-cadvisor.yaml",
+        "pod",
         &format!(
-            "    static_configs:\n      - targets: ['127.0.0.1:{monitor_port}']\n        labels:\n          \
+            "      - targets: ['127.0.0.1:{monitor_port}']\n        labels:\n          \
              __meta_kubernetes_pod_label_app_kubernetes_io_name: kata-monitor\n          \
              __meta_kubernetes_pod_node_name: test-node\n"
         ),
@@ -416,18 +380,10 @@ fn query(port: u16, promql: &str) -> Vec<(BTreeMap<String, String>, f64)> {
 /// Prometheus is built without Kubernetes discovery, so a static target stands in for it.
 #[test]
 fn the_shipped_kubelet_job_is_a_valid_prometheus_configuration() {
-    let shipped =
-        support::containerd::repo().join("deploy/prometheus/kubelet-cadvisor-give-way.yaml");
-    let job = std::fs::read_to_string(&shipped).expect("the shipped kubelet job");
-    let discovery = "    kubernetes_sd_configs:\n      - role: node\n";
-    assert!(
-        job.contains(discovery),
-        "{} changed its discovery",
-        shipped.display()
-    );
-    let job = job.replace(
-        discovery,
-        "    static_configs:\n      - targets: ['127.0.0.1:10250']\n",
+    let job = shipped_job(
+        "kubelet-cadvisor-give-way.yaml",
+        "node",
+        "      - targets: ['127.0.0.1:10250']\n",
     );
     let dir = support::temp_dir();
     let config = dir.path().join("kubelet.yml");
@@ -442,4 +398,20 @@ fn the_shipped_kubelet_job_is_a_valid_prometheus_configuration() {
         "promtool check config: {}",
         text(&check)
     );
+}
+
+/// A job of `deploy/prometheus/`, its `kubernetes_sd_configs` (role `role`) replaced by static
+/// targets (`targets`: the lines under `static_configs:`).
+fn shipped_job(file: &str, role: &str, targets: &str) -> String {
+    let shipped = support::containerd::repo()
+        .join("deploy/prometheus")
+        .join(file);
+    let job = std::fs::read_to_string(&shipped).expect("the shipped scrape job");
+    let discovery = format!("    kubernetes_sd_configs:\n      - role: {role}\n");
+    assert!(
+        job.contains(&discovery),
+        "{} changed its discovery",
+        shipped.display()
+    );
+    job.replace(&discovery, &format!("    static_configs:\n{targets}"))
 }

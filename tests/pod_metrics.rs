@@ -9,7 +9,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::Path;
@@ -36,43 +35,6 @@ fn after_go(then: &str) -> Vec<String> {
 fn run(pod: &Pod, name: &str, command: &[String]) -> String {
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
     pod.run_container(name, &command)
-}
-
-/// A container's cgroup in the guest, as its own /proc/self/cgroup names it (cgroup v2).
-fn guest_cgroup(pod: &Pod, id: &str) -> String {
-    let text = exec_text(pod, id, &["cat", "/proc/self/cgroup"]);
-    let path = text
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .unwrap_or_else(|| panic!("no cgroup v2 line in {id}'s /proc/self/cgroup: {text:?}"));
-    format!("/sys/fs/cgroup{}", path.trim())
-}
-
-/// `key value` lines of a guest cgroup file.
-fn guest_keyed(pod: &Pod, id: &str, file: &str) -> BTreeMap<String, u64> {
-    let path = format!("{}/{file}", guest_cgroup(pod, id));
-    exec_text(pod, id, &["cat", &path])
-        .lines()
-        .filter_map(|line| {
-            let (key, value) = line.split_once(' ')?;
-            Some((key.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-fn guest_value(pod: &Pod, id: &str, file: &str) -> u64 {
-    let path = format!("{}/{file}", guest_cgroup(pod, id));
-    let text = exec_text(pod, id, &["cat", &path]);
-    text.trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("{path} in {id}: {text:?}"))
-}
-
-/// The guest cgroup's working set as containerd computes it: usage − inactive_file.
-fn guest_working_set(pod: &Pod, id: &str) -> u64 {
-    let usage = guest_value(pod, id, "memory.current");
-    let inactive_file = guest_keyed(pod, id, "memory.stat")["inactive_file"];
-    usage.saturating_sub(inactive_file)
 }
 
 struct MemoryFigures {

@@ -1,6 +1,7 @@
 //! Checks on a CRI pod from outside: its QEMU in /proc, containerd's verbose info, its network
 //! namespace (`ip -j` through nsenter), ExecSync output.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -137,4 +138,41 @@ pub fn start_monitor(run_dir: &Path, extra: &[&str], sandbox: &str) -> (super::P
         },
     );
     (monitor, port)
+}
+
+/// A container's cgroup in the guest, as its own /proc/self/cgroup names it (cgroup v2).
+pub fn guest_cgroup(pod: &Pod, id: &str) -> String {
+    let text = exec_text(pod, id, &["cat", "/proc/self/cgroup"]);
+    let path = text
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .unwrap_or_else(|| panic!("no cgroup v2 line in {id}'s /proc/self/cgroup: {text:?}"));
+    format!("/sys/fs/cgroup{}", path.trim())
+}
+
+/// `key value` lines of a guest cgroup file.
+pub fn guest_keyed(pod: &Pod, id: &str, file: &str) -> BTreeMap<String, u64> {
+    let path = format!("{}/{file}", guest_cgroup(pod, id));
+    exec_text(pod, id, &["cat", &path])
+        .lines()
+        .filter_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            Some((key.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn guest_value(pod: &Pod, id: &str, file: &str) -> u64 {
+    let path = format!("{}/{file}", guest_cgroup(pod, id));
+    let text = exec_text(pod, id, &["cat", &path]);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{path} in {id}: {text:?}"))
+}
+
+/// The guest cgroup's working set as containerd computes it: usage − inactive_file.
+pub fn guest_working_set(pod: &Pod, id: &str) -> u64 {
+    let usage = guest_value(pod, id, "memory.current");
+    let inactive_file = guest_keyed(pod, id, "memory.stat")["inactive_file"];
+    usage.saturating_sub(inactive_file)
 }
