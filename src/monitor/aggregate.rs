@@ -101,6 +101,11 @@ impl FamilyBlock {
         true
     }
 
+    /// How many sample lines the block holds.
+    pub(crate) fn len(&self) -> usize {
+        self.inserts.len()
+    }
+
     /// Blocks live until the answer is written, hundreds of sandboxes at once: no growth slack.
     fn shrink(&mut self) {
         self.lines.shrink_to_fit();
@@ -239,7 +244,34 @@ pub(crate) fn merge<'a>(sources: &'a [(String, Vec<FamilyBlock>)]) -> Merged<'a>
             }
         }
     }
+    drop_shadowed(&mut merged);
     merged
+}
+
+/// Leaves out a family named like the samples of a histogram or summary (`x_bucket` beside
+/// histogram `x`, from one body, two sandboxes, or a rename): written after `x`, its lines would
+/// read as `x`'s, and a strict reader drops `x` for coming back after another family.
+fn drop_shadowed(merged: &mut Merged<'_>) {
+    let shadowed: Vec<&str> = merged
+        .families
+        .keys()
+        .copied()
+        .filter(|name| {
+            ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                name.strip_suffix(suffix).is_some_and(|base| {
+                    merged
+                        .families
+                        .get(base)
+                        .is_some_and(|family| family.kind.owns(base, name))
+                })
+            })
+        })
+        .collect();
+    for name in shadowed {
+        if let Some(family) = merged.families.remove(name) {
+            merged.conflicts += family.parts.len();
+        }
+    }
 }
 
 /// `sandbox_id="..",cri_uid="..",cri_name="..",cri_namespace=".."` (empty values left out: in
@@ -423,6 +455,30 @@ mod tests {
         let names: Vec<&str> = merged.families.keys().copied().collect();
         assert_eq!(names, vec!["w", "x"]);
         assert_eq!(merged.families["x"].parts.len(), 1);
+    }
+
+    /// Found by the shim_body fuzz target: `x_bucket` of its own beside histogram `x`.
+    #[test]
+    fn a_family_named_like_histogram_samples_is_left_out() {
+        let h = block_of(&family(
+            "x",
+            MetricType::Histogram,
+            vec![sample("x_bucket", &[("le", "+Inf")], 1.0)],
+        ));
+        let shadow = block_of(&family(
+            "x_bucket",
+            MetricType::Untyped,
+            vec![sample("x_bucket", &[], 2.0)],
+        ));
+        let count = block_of(&family("y_count", MetricType::Gauge, vec![]));
+        let sources = vec![
+            ("sandbox_id=\"a\"".to_string(), vec![h, count]),
+            ("sandbox_id=\"b\"".to_string(), vec![shadow]),
+        ];
+        let merged = merge(&sources);
+        let names: Vec<&str> = merged.families.keys().copied().collect();
+        assert_eq!(names, vec!["x", "y_count"]);
+        assert_eq!(merged.conflicts, 1);
     }
 
     #[test]
