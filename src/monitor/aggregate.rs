@@ -6,7 +6,7 @@
 //! *without* host labels, plus the offset in every line where they go; the host labels are written
 //! while the response is produced (see `render`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::metrics::exposition::{
     escape_label_value, write_value, Family, MetricType, Sample, HOST_LABELS,
@@ -166,6 +166,10 @@ pub(crate) fn shim_body(families: Vec<Family>) -> (ShimBody, usize) {
             dropped += 1;
             continue;
         }
+        if merges_series_when_stripped(&family) {
+            dropped += 1;
+            continue;
+        }
         blocks.push(block_with(&family, true));
     }
     blocks.sort_by(|a, b| a.name.cmp(&b.name));
@@ -181,12 +185,38 @@ pub(crate) const CADVISOR_PREFIX: &str = "container_";
 /// Builds a sandbox's `/metrics/cadvisor` blocks: labels as the shim wrote them (kubelet's, no
 /// host labels added, none of [`HOST_LABELS`] kept), repeated families dropped.
 pub(crate) fn cadvisor_body(families: Vec<Family>) -> (ShimBody, usize) {
-    let mut blocks: Vec<FamilyBlock> = families.iter().map(|f| block_with(f, true)).collect();
+    let total = families.len();
+    let mut blocks: Vec<FamilyBlock> = families
+        .iter()
+        .filter(|f| !merges_series_when_stripped(f))
+        .map(|f| block_with(f, true))
+        .collect();
     blocks.sort_by(|a, b| a.name.cmp(&b.name));
-    let before = blocks.len();
     blocks.dedup_by(|later, first| later.name == first.name);
-    let dropped = before - blocks.len();
+    let dropped = total - blocks.len();
     (ShimBody { families: blocks }, dropped)
+}
+
+/// Whether removing the host labels makes two series of `family` one (`x{sandbox_id="a"}` and
+/// `x{sandbox_id="b"}`): the family is dropped then, as its lines would repeat a series.
+fn merges_series_when_stripped(family: &Family) -> bool {
+    let is_host = |name: &str| HOST_LABELS.contains(&name);
+    let has_host = |s: &Sample| s.labels.iter().any(|(name, _)| is_host(name));
+    // The common case costs one scan: nothing to strip, nothing can merge.
+    if !family.samples.iter().any(has_host) {
+        return false;
+    }
+    let mut seen = HashSet::with_capacity(family.samples.len());
+    family.samples.iter().any(|sample| {
+        let mut labels: Vec<(&str, &str)> = sample
+            .labels
+            .iter()
+            .filter(|(name, _)| !is_host(name))
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        labels.sort_unstable();
+        !seen.insert((sample.name.as_str(), labels))
+    })
 }
 
 /// One of the monitor's own families as a block, labels as they are.
@@ -455,6 +485,44 @@ mod tests {
         let names: Vec<&str> = merged.families.keys().copied().collect();
         assert_eq!(names, vec!["w", "x"]);
         assert_eq!(merged.families["x"].parts.len(), 1);
+    }
+
+    /// Found by the shim_body fuzz target: series told apart only by a host label would be one
+    /// series twice once the monitor writes its own.
+    #[test]
+    fn a_family_whose_series_differ_only_in_host_labels_is_dropped() {
+        let forged = |id| {
+            sample(
+                "kata_guest_load",
+                &[("item", "1m"), ("sandbox_id", id)],
+                0.5,
+            )
+        };
+        let (body, dropped) = shim_body(vec![
+            family(
+                "kata_guest_load",
+                MetricType::Gauge,
+                vec![forged("a"), forged("b")],
+            ),
+            family(
+                "kata_guest_ok",
+                MetricType::Gauge,
+                vec![sample("kata_guest_ok", &[("cri_uid", "x")], 1.0)],
+            ),
+        ]);
+        let names: Vec<&str> = body.families.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, vec!["kata_guest_ok"]);
+        assert_eq!(dropped, 1);
+        let (body, dropped) = cadvisor_body(vec![family(
+            "container_x",
+            MetricType::Gauge,
+            vec![
+                sample("container_x", &[("cri_name", "a")], 1.0),
+                sample("container_x", &[("cri_name", "b")], 1.0),
+            ],
+        )]);
+        assert!(body.families.is_empty());
+        assert_eq!(dropped, 1);
     }
 
     /// Found by the shim_body fuzz target: `x_bucket` of its own beside histogram `x`.
