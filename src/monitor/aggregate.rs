@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::metrics::exposition::{
-    escape_label_value, write_value, Family, MetricType, Sample, HOST_LABELS,
+    escape_label_value, write_value, Family, Limits, MetricType, Sample, HOST_LABELS,
 };
 
 /// Shim families renamed on the way through (the shim serves its own `process_*` unprefixed).
@@ -162,7 +162,7 @@ pub(crate) fn shim_body(families: Vec<Family>) -> (ShimBody, usize) {
         for (from, to) in SHIM_RENAMES {
             family.rename_prefix(from, to);
         }
-        if family.name.starts_with(RESERVED_PREFIX) {
+        if family.name.starts_with(RESERVED_PREFIX) || renamed_too_long(&family) {
             dropped += 1;
             continue;
         }
@@ -217,6 +217,13 @@ fn merges_series_when_stripped(family: &Family) -> bool {
         labels.sort_unstable();
         !seen.insert((sample.name.as_str(), labels))
     })
+}
+
+/// A name the rename made longer than a strict reader (ours: the parser's limit) takes: written,
+/// it would cost that reader the family.
+fn renamed_too_long(family: &Family) -> bool {
+    let max = Limits::default().max_name_bytes;
+    family.name.len() > max || family.samples.iter().any(|s| s.name.len() > max)
 }
 
 /// One of the monitor's own families as a block, labels as they are.
@@ -522,6 +529,27 @@ mod tests {
             ],
         )]);
         assert!(body.families.is_empty());
+        assert_eq!(dropped, 1);
+    }
+
+    /// Found by the shim_body fuzz target: `process_*` at the name limit, renamed past it.
+    #[test]
+    fn a_family_the_rename_makes_too_long_is_dropped() {
+        let long = format!(
+            "process_{}",
+            "x".repeat(Limits::default().max_name_bytes - 8)
+        );
+        let families = vec![
+            family(&long, MetricType::Gauge, vec![sample(&long, &[], 1.0)]),
+            family(
+                "process_open_fds",
+                MetricType::Gauge,
+                vec![sample("process_open_fds", &[], 7.0)],
+            ),
+        ];
+        let (body, dropped) = shim_body(families);
+        let names: Vec<&str> = body.families.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["kata_shim_process_open_fds"]);
         assert_eq!(dropped, 1);
     }
 
