@@ -17,6 +17,9 @@
 pub mod agent;
 #[cfg(feature = "host")]
 pub mod agent_client;
+#[cfg(feature = "host")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guest;
 pub mod logging;
 pub mod metrics;

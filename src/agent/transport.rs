@@ -162,8 +162,8 @@ fn closed_before_answer(port: u32, line: &[u8]) -> String {
     )
 }
 
-/// Writes `CONNECT <port>\n` and expects one line starting with `OK` (vhost-device-vsock answers
-/// `OK <guest port>`, Firecracker `OK <host port>`: only the prefix is common).
+/// Writes `CONNECT <port>\n` and expects the line `OK <number>` (vhost-device-vsock answers
+/// `OK <guest port>`, Firecracker `OK <host port>`: the number is not checked).
 pub(crate) async fn hybrid_vsock_handshake<S>(stream: &mut S, port: u32) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -197,14 +197,25 @@ where
             ));
         }
     }
-    if line.starts_with(b"OK") {
+    if is_ok_reply(&line) {
         Ok(())
     } else {
         Err(format!(
-            "expected a reply starting with \"OK\" to CONNECT {port}, got {:?}",
+            "expected a reply \"OK <port>\" to CONNECT {port}, got {:?}",
             String::from_utf8_lossy(&line)
         ))
     }
+}
+
+/// `OK <port>`: what vhost-device-vsock (the guest port), Firecracker and Cloud Hypervisor (the
+/// host side's port) answer. Anything else, `OK` alone included, is not a VMM's acceptance.
+fn is_ok_reply(line: &[u8]) -> bool {
+    let Some(number) = line.strip_prefix(b"OK ") else {
+        return false;
+    };
+    (1..=10).contains(&number.len())
+        && number.iter().all(u8::is_ascii_digit)
+        && std::str::from_utf8(number).is_ok_and(|n| n.parse::<u32>().is_ok())
 }
 
 #[cfg(test)]
@@ -236,10 +247,26 @@ mod tests {
         let (mut ours, mut theirs) = tokio::io::duplex(256);
         theirs.write_all(b"FAILURE\n").await.unwrap();
         let err = hybrid_vsock_handshake(&mut ours, 1024).await.unwrap_err();
-        assert!(
-            err.contains("expected a reply starting with \"OK\""),
-            "{err}"
-        );
+        assert!(err.contains("expected a reply \"OK <port>\""), "{err}");
+
+        // Only `OK <number>` is an acceptance (these were taken as one before the fuzzer's check).
+        for reply in [
+            &b"OK\n"[..],
+            b"OKAY 1024\n",
+            b"OK 1024x\n",
+            b"OK \n",
+            b"OK 99999999999\n",
+        ] {
+            let (mut ours, mut theirs) = tokio::io::duplex(256);
+            theirs.write_all(reply).await.unwrap();
+            let err = hybrid_vsock_handshake(&mut ours, 1024).await.unwrap_err();
+            assert!(err.contains("expected a reply"), "{reply:?}: {err}");
+        }
+        for reply in [&b"OK 1024\n"[..], b"OK 0\n", b"OK 4294967295\n"] {
+            let (mut ours, mut theirs) = tokio::io::duplex(256);
+            theirs.write_all(reply).await.unwrap();
+            assert_eq!(hybrid_vsock_handshake(&mut ours, 1024).await, Ok(()));
+        }
 
         let (mut ours, theirs) = tokio::io::duplex(256);
         drop(theirs);

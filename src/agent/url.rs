@@ -62,6 +62,9 @@ impl FromStr for AgentUrl {
                 if !path.starts_with('/') {
                     return Err(invalid("the unix socket path must be absolute"));
                 }
+                if path.contains('\0') {
+                    return Err(invalid("the unix socket path contains a NUL byte"));
+                }
                 Ok(AgentUrl::Hvsock {
                     path: PathBuf::from(path),
                     port,
@@ -161,5 +164,8 @@ mod tests {
         assert!(err("hvsock://relative.sock:1024").contains("absolute"));
         assert!(err("unix://").contains("empty"));
         assert!(err("vsock://:1024").contains("empty"));
+        // Found by the agent_url fuzz target: a NUL could not reach connect(2).
+        assert!(err("hvsock:///run/a\0b:1024").contains("NUL"));
+        assert!(err("unix:///run/a\0b").contains("NUL"));
     }
 }

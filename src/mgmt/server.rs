@@ -447,19 +447,24 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 /// True when the client lists gzip in Accept-Encoding without refusing it (`q=0`).
 pub(crate) fn accepts_gzip<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get_all(ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|item| {
-            let mut parts = item.split(';').map(str::trim);
-            let coding = parts.next().unwrap_or_default();
-            let quality = parts
-                .find_map(|param| param.strip_prefix("q="))
-                .map_or(1.0, |q| q.trim().parse::<f32>().unwrap_or(0.0));
-            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && quality > 0.0
-        })
+    accepts_gzip_in(
+        req.headers()
+            .get_all(ACCEPT_ENCODING)
+            .iter()
+            .filter_map(|value| value.to_str().ok()),
+    )
+}
+
+/// Whether these `Accept-Encoding` values allow gzip (or `*`) with a quality above 0.
+pub(crate) fn accepts_gzip_in<'a>(values: impl Iterator<Item = &'a str>) -> bool {
+    values.flat_map(|value| value.split(',')).any(|item| {
+        let mut parts = item.split(';').map(str::trim);
+        let coding = parts.next().unwrap_or_default();
+        let quality = parts
+            .find_map(|param| param.strip_prefix("q="))
+            .map_or(1.0, |q| q.trim().parse::<f32>().unwrap_or(0.0));
+        (coding.eq_ignore_ascii_case("gzip") || coding == "*") && quality > 0.0
+    })
 }
 
 pub(crate) fn gzip_bytes(data: &[u8]) -> std::io::Result<Vec<u8>> {

@@ -6,10 +6,10 @@
 //! *without* host labels, plus the offset in every line where they go; the host labels are written
 //! while the response is produced (see `render`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::metrics::exposition::{
-    escape_label_value, write_value, Family, MetricType, Sample, HOST_LABELS,
+    escape_label_value, write_value, Family, Limits, MetricType, Sample, HOST_LABELS,
 };
 
 /// Shim families renamed on the way through (the shim serves its own `process_*` unprefixed).
@@ -101,6 +101,11 @@ impl FamilyBlock {
         true
     }
 
+    /// How many sample lines the block holds.
+    pub(crate) fn len(&self) -> usize {
+        self.inserts.len()
+    }
+
     /// Blocks live until the answer is written, hundreds of sandboxes at once: no growth slack.
     fn shrink(&mut self) {
         self.lines.shrink_to_fit();
@@ -157,7 +162,11 @@ pub(crate) fn shim_body(families: Vec<Family>) -> (ShimBody, usize) {
         for (from, to) in SHIM_RENAMES {
             family.rename_prefix(from, to);
         }
-        if family.name.starts_with(RESERVED_PREFIX) {
+        if family.name.starts_with(RESERVED_PREFIX) || renamed_too_long(&family) {
+            dropped += 1;
+            continue;
+        }
+        if merges_series_when_stripped(&family) {
             dropped += 1;
             continue;
         }
@@ -176,12 +185,45 @@ pub(crate) const CADVISOR_PREFIX: &str = "container_";
 /// Builds a sandbox's `/metrics/cadvisor` blocks: labels as the shim wrote them (kubelet's, no
 /// host labels added, none of [`HOST_LABELS`] kept), repeated families dropped.
 pub(crate) fn cadvisor_body(families: Vec<Family>) -> (ShimBody, usize) {
-    let mut blocks: Vec<FamilyBlock> = families.iter().map(|f| block_with(f, true)).collect();
+    let total = families.len();
+    let mut blocks: Vec<FamilyBlock> = families
+        .iter()
+        .filter(|f| !merges_series_when_stripped(f))
+        .map(|f| block_with(f, true))
+        .collect();
     blocks.sort_by(|a, b| a.name.cmp(&b.name));
-    let before = blocks.len();
     blocks.dedup_by(|later, first| later.name == first.name);
-    let dropped = before - blocks.len();
+    let dropped = total - blocks.len();
     (ShimBody { families: blocks }, dropped)
+}
+
+/// Whether removing the host labels makes two series of `family` one (`x{sandbox_id="a"}` and
+/// `x{sandbox_id="b"}`): the family is dropped then, as its lines would repeat a series.
+fn merges_series_when_stripped(family: &Family) -> bool {
+    let is_host = |name: &str| HOST_LABELS.contains(&name);
+    let has_host = |s: &Sample| s.labels.iter().any(|(name, _)| is_host(name));
+    // The common case costs one scan: nothing to strip, nothing can merge.
+    if !family.samples.iter().any(has_host) {
+        return false;
+    }
+    let mut seen = HashSet::with_capacity(family.samples.len());
+    family.samples.iter().any(|sample| {
+        let mut labels: Vec<(&str, &str)> = sample
+            .labels
+            .iter()
+            .filter(|(name, _)| !is_host(name))
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        labels.sort_unstable();
+        !seen.insert((sample.name.as_str(), labels))
+    })
+}
+
+/// A name the rename made longer than a strict reader (ours: the parser's limit) takes: written,
+/// it would cost that reader the family.
+fn renamed_too_long(family: &Family) -> bool {
+    let max = Limits::default().max_name_bytes;
+    family.name.len() > max || family.samples.iter().any(|s| s.name.len() > max)
 }
 
 /// One of the monitor's own families as a block, labels as they are.
@@ -239,7 +281,34 @@ pub(crate) fn merge<'a>(sources: &'a [(String, Vec<FamilyBlock>)]) -> Merged<'a>
             }
         }
     }
+    drop_shadowed(&mut merged);
     merged
+}
+
+/// Leaves out a family named like the samples of a histogram or summary (`x_bucket` beside
+/// histogram `x`, from one body, two sandboxes, or a rename): written after `x`, its lines would
+/// read as `x`'s, and a strict reader drops `x` for coming back after another family.
+fn drop_shadowed(merged: &mut Merged<'_>) {
+    let shadowed: Vec<&str> = merged
+        .families
+        .keys()
+        .copied()
+        .filter(|name| {
+            ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                name.strip_suffix(suffix).is_some_and(|base| {
+                    merged
+                        .families
+                        .get(base)
+                        .is_some_and(|family| family.kind.owns(base, name))
+                })
+            })
+        })
+        .collect();
+    for name in shadowed {
+        if let Some(family) = merged.families.remove(name) {
+            merged.conflicts += family.parts.len();
+        }
+    }
 }
 
 /// `sandbox_id="..",cri_uid="..",cri_name="..",cri_namespace=".."` (empty values left out: in
@@ -423,6 +492,89 @@ mod tests {
         let names: Vec<&str> = merged.families.keys().copied().collect();
         assert_eq!(names, vec!["w", "x"]);
         assert_eq!(merged.families["x"].parts.len(), 1);
+    }
+
+    /// Found by the shim_body fuzz target: series told apart only by a host label would be one
+    /// series twice once the monitor writes its own.
+    #[test]
+    fn a_family_whose_series_differ_only_in_host_labels_is_dropped() {
+        let forged = |id| {
+            sample(
+                "kata_guest_load",
+                &[("item", "1m"), ("sandbox_id", id)],
+                0.5,
+            )
+        };
+        let (body, dropped) = shim_body(vec![
+            family(
+                "kata_guest_load",
+                MetricType::Gauge,
+                vec![forged("a"), forged("b")],
+            ),
+            family(
+                "kata_guest_ok",
+                MetricType::Gauge,
+                vec![sample("kata_guest_ok", &[("cri_uid", "x")], 1.0)],
+            ),
+        ]);
+        let names: Vec<&str> = body.families.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, vec!["kata_guest_ok"]);
+        assert_eq!(dropped, 1);
+        let (body, dropped) = cadvisor_body(vec![family(
+            "container_x",
+            MetricType::Gauge,
+            vec![
+                sample("container_x", &[("cri_name", "a")], 1.0),
+                sample("container_x", &[("cri_name", "b")], 1.0),
+            ],
+        )]);
+        assert!(body.families.is_empty());
+        assert_eq!(dropped, 1);
+    }
+
+    /// Found by the shim_body fuzz target: `process_*` at the name limit, renamed past it.
+    #[test]
+    fn a_family_the_rename_makes_too_long_is_dropped() {
+        let long = format!(
+            "process_{}",
+            "x".repeat(Limits::default().max_name_bytes - 8)
+        );
+        let families = vec![
+            family(&long, MetricType::Gauge, vec![sample(&long, &[], 1.0)]),
+            family(
+                "process_open_fds",
+                MetricType::Gauge,
+                vec![sample("process_open_fds", &[], 7.0)],
+            ),
+        ];
+        let (body, dropped) = shim_body(families);
+        let names: Vec<&str> = body.families.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["kata_shim_process_open_fds"]);
+        assert_eq!(dropped, 1);
+    }
+
+    /// Found by the shim_body fuzz target: `x_bucket` of its own beside histogram `x`.
+    #[test]
+    fn a_family_named_like_histogram_samples_is_left_out() {
+        let h = block_of(&family(
+            "x",
+            MetricType::Histogram,
+            vec![sample("x_bucket", &[("le", "+Inf")], 1.0)],
+        ));
+        let shadow = block_of(&family(
+            "x_bucket",
+            MetricType::Untyped,
+            vec![sample("x_bucket", &[], 2.0)],
+        ));
+        let count = block_of(&family("y_count", MetricType::Gauge, vec![]));
+        let sources = vec![
+            ("sandbox_id=\"a\"".to_string(), vec![h, count]),
+            ("sandbox_id=\"b\"".to_string(), vec![shadow]),
+        ];
+        let merged = merge(&sources);
+        let names: Vec<&str> = merged.families.keys().copied().collect();
+        assert_eq!(names, vec!["x", "y_count"]);
+        assert_eq!(merged.conflicts, 1);
     }
 
     #[test]

@@ -128,10 +128,13 @@ async fn metrics(
 
 /// Prometheus says how long it waits (`X-Prometheus-Scrape-Timeout-Seconds`): finish before that.
 fn prometheus_timeout(req: &Request<Incoming>) -> Option<Duration> {
-    let seconds: f64 = header(req, "x-prometheus-scrape-timeout-seconds")?
-        .trim()
-        .parse()
-        .ok()?;
+    scrape_budget(header(req, "x-prometheus-scrape-timeout-seconds"))
+}
+
+/// The time to finish in, from the `X-Prometheus-Scrape-Timeout-Seconds` value: half a second less
+/// (the answer still has to travel), at least half a second, at most an hour.
+pub(crate) fn scrape_budget(timeout_header: Option<&str>) -> Option<Duration> {
+    let seconds: f64 = timeout_header?.trim().parse().ok()?;
     (seconds.is_finite() && seconds > 0.0)
         .then(|| Duration::from_secs_f64((seconds - 0.5).clamp(0.5, 3600.0)))
 }
@@ -243,10 +246,10 @@ impl hyper::body::Body for ChannelBody {
 }
 
 /// The decoded `?a=b&c=d` pairs (first value of a name wins).
-struct Query(Vec<(String, String)>);
+pub(crate) struct Query(pub(crate) Vec<(String, String)>);
 
 impl Query {
-    fn parse(query: &str) -> Query {
+    pub(crate) fn parse(query: &str) -> Query {
         Query(
             query
                 .split('&')
@@ -259,7 +262,7 @@ impl Query {
         )
     }
 
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == name)

@@ -32,9 +32,10 @@ impl Format {
             accept.split(',').any(|item| {
                 let mut parts = item.split(';').map(str::trim);
                 let media = parts.next().unwrap_or_default();
+                // A quality that is not a number above 0 (`q=0`, `q=x`, `q=NaN`) refuses.
                 let refused = parts.any(|p| {
                     p.strip_prefix("q=")
-                        .is_some_and(|q| q.trim().parse::<f32>().map_or(true, |q| q <= 0.0))
+                        .is_some_and(|q| !q.trim().parse::<f32>().is_ok_and(|q| q > 0.0))
                 });
                 media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
             })
@@ -279,6 +280,10 @@ mod tests {
         );
         assert_eq!(
             Format::from_accept(Some("application/openmetrics-text;q=0, text/plain")),
+            Format::Text
+        );
+        assert_eq!(
+            Format::from_accept(Some("application/openmetrics-text;q=NaN")),
             Format::Text
         );
         let filter = FamilyFilter::new("kata_guest_, kata_shim_fds");

@@ -109,11 +109,7 @@ pub(crate) struct Scraper {
 impl Scraper {
     /// `cri`: where to ask for the pod labels of shims that do not serve `/pod-labels`.
     pub(crate) fn new(timeout: Duration, concurrency: usize, cri: Option<Arc<CriPods>>) -> Self {
-        let limits = Limits {
-            max_bytes: MAX_SHIM_BODY,
-            max_samples: 200_000,
-            ..Limits::default()
-        };
+        let limits = shim_body_limits();
         Scraper {
             timeout,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
@@ -213,6 +209,15 @@ impl Scraper {
         })
         .await
         .map_err(ScrapeError::ParserTask)?
+    }
+}
+
+/// What a shim's body may hold.
+pub(crate) fn shim_body_limits() -> Limits {
+    Limits {
+        max_bytes: MAX_SHIM_BODY,
+        max_samples: 200_000,
+        ..Limits::default()
     }
 }
 

@@ -57,7 +57,7 @@ impl MetricType {
     }
 
     /// Whether a sample called `sample` belongs to a family of this type called `family`.
-    fn owns(self, family: &str, sample: &str) -> bool {
+    pub(crate) fn owns(self, family: &str, sample: &str) -> bool {
         if sample == family {
             return true;
         }
