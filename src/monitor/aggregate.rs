@@ -219,8 +219,7 @@ fn merges_series_when_stripped(family: &Family) -> bool {
     })
 }
 
-/// A name the rename made longer than a strict reader (ours: the parser's limit) takes: written,
-/// it would cost that reader the family.
+/// A name the rename made longer than a strict reader's (our parser's) limit: it would drop it.
 fn renamed_too_long(family: &Family) -> bool {
     let max = Limits::default().max_name_bytes;
     family.name.len() > max || family.samples.iter().any(|s| s.name.len() > max)
