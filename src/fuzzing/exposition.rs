@@ -153,22 +153,9 @@ fn sample_lines(text: &str) -> usize {
         .count()
 }
 
-/// Equal families, NaN equal to NaN.
+/// Equal families, NaN equal to NaN (see `exposition::same_families`).
 fn assert_same(a: &[Family], b: &[Family], text: &str) {
-    let same = a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| {
-            x.name == y.name
-                && x.help == y.help
-                && x.kind == y.kind
-                && x.samples.len() == y.samples.len()
-                && x.samples.iter().zip(&y.samples).all(|(s, t)| {
-                    s.name == t.name
-                        && s.labels == t.labels
-                        && s.timestamp_ms == t.timestamp_ms
-                        && (s.value.to_bits() == t.value.to_bits()
-                            || (s.value.is_nan() && t.value.is_nan()))
-                })
-        });
+    let same = crate::metrics::exposition::same_families(a, b);
     assert!(
         same,
         "families differ after a round trip:\n{a:?}\n{b:?}\n{text}"

@@ -160,6 +160,25 @@ impl Family {
     }
 }
 
+/// Equality that treats NaN as equal to NaN (PartialEq on f64 does not): the round-trip check of
+/// the exposition tests and of the fuzz targets.
+pub(crate) fn same_families(a: &[Family], b: &[Family]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.name == y.name
+                && x.help == y.help
+                && x.kind == y.kind
+                && x.samples.len() == y.samples.len()
+                && x.samples.iter().zip(&y.samples).all(|(s, t)| {
+                    s.name == t.name
+                        && s.labels == t.labels
+                        && s.timestamp_ms == t.timestamp_ms
+                        && (s.value.to_bits() == t.value.to_bits()
+                            || (s.value.is_nan() && t.value.is_nan()))
+                })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::test_support::{family, sample};

@@ -2,31 +2,13 @@
 //! to the same families, on a real shim body and on garbage.
 
 use super::test_support::{encoded, family, parse_ok, sample};
-use super::{parse, Family, Limits, MetricType};
+use super::{parse, same_families, Family, Limits, MetricType};
 
 /// A recorded shim body (64,760 bytes, 65 families, 881 samples).
 const PAYLOAD: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/data/shim-payload.txt"
 ));
-
-/// Equality that treats NaN as equal to NaN (PartialEq on f64 does not).
-fn same_families(a: &[Family], b: &[Family]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| {
-            x.name == y.name
-                && x.help == y.help
-                && x.kind == y.kind
-                && x.samples.len() == y.samples.len()
-                && x.samples.iter().zip(&y.samples).all(|(s, t)| {
-                    s.name == t.name
-                        && s.labels == t.labels
-                        && s.timestamp_ms == t.timestamp_ms
-                        && (s.value.to_bits() == t.value.to_bits()
-                            || (s.value.is_nan() && t.value.is_nan()))
-                })
-        })
-}
 
 fn all_kinds() -> Vec<Family> {
     let mut counter = family(
