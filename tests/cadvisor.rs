@@ -327,10 +327,23 @@ fn start_prometheus(dir: &std::path::Path, monitor_port: u16) -> (support::Proc,
         child,
         name: "prometheus".into(),
     };
-    wait_until("Prometheus listens", Duration::from_secs(30), || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    // Prometheus listens before it is ready and answers 503 until its TSDB is open.
+    wait_until("Prometheus is ready", Duration::from_secs(60), || {
+        let response = prometheus_get(port, "/-/ready");
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
     });
     (prometheus, port)
+}
+
+/// The whole HTTP response to a GET, or "" while nothing listens.
+fn prometheus_get(port: u16, path: &str) -> String {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
 }
 
 /// An instant query: each series' labels and value.
@@ -342,14 +355,7 @@ fn query(port: u16, promql: &str) -> Vec<(BTreeMap<String, String>, f64)> {
             _ => format!("%{b:02X}"),
         })
         .collect();
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to Prometheus");
-    write!(
-        stream,
-        "GET /api/v1/query?query={encoded} HTTP/1.0\r\nHost: localhost\r\n\r\n"
-    )
-    .expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
+    let response = prometheus_get(port, &format!("/api/v1/query?query={encoded}"));
     let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     let json: serde_json::Value =
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
