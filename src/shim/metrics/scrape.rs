@@ -57,7 +57,11 @@ impl ShimScraper {
         if let Some(text) = agent_text {
             match exposition::parse(&text, &self.limits) {
                 Ok(parsed) => {
-                    let (kept, dropped) = agent_families_from(parsed.families, parsed.dropped);
+                    let (kept, dropped) = agent_families_from(
+                        parsed.families,
+                        parsed.dropped,
+                        self.limits.max_name_bytes,
+                    );
                     note_dropped(&dropped);
                     // A live agent always reports something: nothing usable means its text was garbage.
                     if kept.is_empty() {
@@ -120,9 +124,11 @@ impl MetricsSource for ShimScraper {
 }
 
 /// Keeps the agent families the host accepts (renamed where needed) and lists the refused ones.
+/// `max_name_bytes` bounds names after renaming too: kata-monitor would drop a longer one.
 pub(crate) fn agent_families_from(
     families: Vec<Family>,
     mut dropped: Vec<Dropped>,
+    max_name_bytes: usize,
 ) -> (Vec<Family>, Vec<Dropped>) {
     let mut kept = Vec::with_capacity(families.len());
     let mut seen = HashSet::new();
@@ -138,6 +144,13 @@ pub(crate) fn agent_families_from(
         {
             Some(format!(
                 "family {} is outside the agent's namespaces (kata_agent_*, kata_guest_*)",
+                family.name
+            ))
+        } else if family.samples.iter().any(|s| s.name.len() > max_name_bytes)
+            || family.name.len() > max_name_bytes
+        {
+            Some(format!(
+                "family {} is longer than {max_name_bytes} bytes after renaming",
                 family.name
             ))
         } else if let Some(label) = HOST_LABELS.iter().find(|label| family.has_label(label)) {
@@ -178,5 +191,31 @@ fn refusal_reason(err: &ExpositionError) -> &'static str {
     match err {
         ExpositionError::TooLarge { .. } => "too_large",
         _ => "invalid_text",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::exposition::test_support::{family, sample};
+    use crate::metrics::exposition::MetricType;
+
+    /// Found by the shim_body fuzz target's twin check (a renamed name past the limit): the shim
+    /// kept `process_<245 bytes>` as `kata_agent_process_<245 bytes>`, which kata-monitor dropped.
+    #[test]
+    fn a_name_too_long_after_renaming_is_refused_here() {
+        let long = format!("process_{}", "x".repeat(240));
+        let fits = format!("kata_guest_{}", "y".repeat(245));
+        let (kept, dropped) = agent_families_from(
+            vec![
+                family(&long, MetricType::Gauge, vec![sample(&long, &[], 1.0)]),
+                family(&fits, MetricType::Gauge, vec![sample(&fits, &[], 1.0)]),
+            ],
+            Vec::new(),
+            256,
+        );
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].name, fits);
+        assert!(dropped[0].reason.contains("after renaming"), "{dropped:?}");
     }
 }
