@@ -47,7 +47,11 @@ fn agent_text_with(text: &str, limits: &Limits) {
     let Some(parsed) = parsed else { return };
     let total = parsed.families.len();
     let dropped_before = parsed.dropped.len();
-    let (kept, dropped) = agent_families_from(parsed.families, parsed.dropped);
+    let (kept, dropped) = agent_families_from(
+        parsed.families,
+        parsed.dropped,
+        MONITOR_LIMITS.max_name_bytes,
+    );
     assert_eq!(kept.len() + dropped.len(), total + dropped_before);
     let mut names = std::collections::HashSet::new();
     for family in &kept {
@@ -198,9 +202,13 @@ pub fn shim_body(data: &[u8]) {
         .sum();
 
     let text = rendered(&merged, Format::Text);
+    // The answer goes to Prometheus: bounded by what the monitor read plus what it adds itself
+    // (the `kata_shim_` of a renamed `process_*`, the host labels).
     let limits = Limits {
         max_bytes: usize::MAX,
         max_samples: usize::MAX,
+        max_name_bytes: MONITOR_LIMITS.max_name_bytes + "kata_shim_".len(),
+        max_labels_per_sample: MONITOR_LIMITS.max_labels_per_sample + HOST_LABELS.len(),
         ..MONITOR_LIMITS.clone()
     };
     let back = parse_ok(&text, &limits);
