@@ -232,24 +232,33 @@ fn a_vm_pods_containers_have_cadvisors_series_for_prometheus() {
     wait_until("Prometheus has busy's CPU", Duration::from_secs(60), || {
         !query(prom_port, &first).is_empty()
     });
-    let usage_usec = || guest_keyed(&pod, &busy, "cpu.stat")["usage_usec"] as f64;
-    let (usec_before, at_before) = (usage_usec(), Instant::now());
+    // An exec into the guest can take seconds on a loaded host, and the file is read somewhere
+    // within it: each reading is bracketed, and the guest's rate bounded from both sides.
+    let usage_usec = || {
+        let start = Instant::now();
+        let usec = guest_keyed(&pod, &busy, "cpu.stat")["usage_usec"] as f64;
+        (usec, start, Instant::now())
+    };
+    let (usec_before, before_start, before_end) = usage_usec();
     std::thread::sleep(Duration::from_secs(12));
-    let (usec_after, window) = (usage_usec(), at_before.elapsed());
-    let guest_rate = (usec_after - usec_before) / 1e6 / window.as_secs_f64();
+    let (usec_after, after_start, after_end) = usage_usec();
+    let used = (usec_after - usec_before) / 1e6;
+    let slowest = used / (after_end - before_start).as_secs_f64();
+    let fastest = used / (after_start - before_end).as_secs_f64();
     let promql = format!(
-        "rate(container_cpu_usage_seconds_total{}[{}s])",
+        "rate(container_cpu_usage_seconds_total{}[12s])",
         selector("busy"),
-        window.as_secs()
     );
     let answer = query(prom_port, &promql);
     let [(labels, prom_rate)] = answer.as_slice() else {
         panic!("{promql}: {answer:?}");
     };
-    eprintln!("busy: Prometheus rate {prom_rate:.3}, guest cpu.stat rate {guest_rate:.3}");
+    eprintln!(
+        "busy: Prometheus rate {prom_rate:.3}, guest cpu.stat rate {slowest:.3}..{fastest:.3}"
+    );
     assert!(
-        (prom_rate - guest_rate).abs() <= 0.2 * guest_rate,
-        "{promql} = {prom_rate}, the guest's cpu.stat says {guest_rate}"
+        *prom_rate >= 0.8 * slowest && *prom_rate <= 1.2 * fastest,
+        "{promql} = {prom_rate}, the guest's cpu.stat says {slowest}..{fastest}"
     );
     assert_eq!(
         labels.get("job").map(String::as_str),
