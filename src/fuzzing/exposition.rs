@@ -198,7 +198,7 @@ pub fn shim_body(data: &[u8]) {
         .families
         .values()
         .flat_map(|family| &family.parts)
-        .map(|(_, block)| block.len())
+        .map(|(_, block)| block.samples.len())
         .sum();
 
     let text = rendered(&merged, Format::Text);

@@ -9,6 +9,7 @@
 //! - [`http`]: the endpoints, and [`listener`]: which connections get served.
 
 pub(crate) mod aggregate;
+pub(crate) mod block;
 pub mod config;
 pub(crate) mod cri;
 pub(crate) mod discovery;
@@ -26,12 +27,14 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use self::aggregate::{block_of, families_of_registry, host_labels, merge, FamilyBlock};
+use self::aggregate::{host_labels, merge};
+use self::block::{parse_blocks, FamilyBlock};
 use self::config::{Config, MAX_SCRAPE_DEADLINE};
 use self::metrics::MonitorMetrics;
 use self::render::{ChunkSink, FamilyFilter, Format};
 use self::sandboxes::{PodLabels, Sandbox, Sandboxes};
 use self::scrape::{Endpoint, ScrapeError, Scraper};
+use crate::metrics::exposition;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
@@ -149,8 +152,7 @@ impl Monitor {
             .durations
             .observe(started.elapsed().as_secs_f64() * 1000.0);
         if !single && endpoint == Endpoint::Metrics {
-            let own = families_of_registry(&self.metrics.registry.gather());
-            sources.push((String::new(), own.iter().map(block_of).collect()));
+            sources.push((String::new(), own_blocks(&self.metrics.registry)));
         }
 
         let metrics = self.metrics.clone();
@@ -169,6 +171,27 @@ impl Monitor {
 }
 
 /// Runs the monitor until SIGTERM/SIGINT.
+/// The monitor's own registry as blocks, through the same text and parser as a shim's body
+/// (labels kept: `kata_monitor_sandbox_up` has a `sandbox_id` of its own).
+fn own_blocks(registry: &prometheus::Registry) -> Vec<FamilyBlock> {
+    use prometheus::Encoder;
+    let mut text = Vec::new();
+    let parsed = prometheus::TextEncoder::new()
+        .encode(&registry.gather(), &mut text)
+        .map_err(|e| e.to_string())
+        .and_then(|()| String::from_utf8(text).map_err(|e| e.to_string()))
+        .and_then(|text| {
+            parse_blocks(&text, &exposition::Limits::default(), false).map_err(|e| e.to_string())
+        });
+    match parsed {
+        Ok(parsed) => parsed.families,
+        Err(err) => {
+            tracing::error!(error = %err, "the monitor's own metrics are missing from this scrape");
+            Vec::new()
+        }
+    }
+}
+
 pub async fn run(config: Config) -> Result<(), MonitorError> {
     limit_malloc_arenas();
     if let Some(endpoint) = &config.runtime_endpoint {

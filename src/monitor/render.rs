@@ -165,7 +165,7 @@ pub(crate) fn write(
         }
         write_header(name, family.help, family.kind, format, sink.buf());
         for (host, block) in &family.parts {
-            block.write_lines(host, sink.buf());
+            block.samples.write_lines(host, sink.buf());
             sink.maybe_flush()?;
         }
     }
@@ -225,7 +225,8 @@ fn write_header(name: &str, help: &str, kind: MetricType, format: Format, out: &
 mod tests {
     use super::*;
     use crate::metrics::exposition::{Family, Sample};
-    use crate::monitor::aggregate::{block_of, merge};
+    use crate::monitor::aggregate::merge;
+    use crate::monitor::block::test_support::block_of;
 
     fn render(format: Format, gzip: bool) -> Vec<u8> {
         let family = Family {

@@ -11,9 +11,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::aggregate::{cadvisor_body, shim_body, ShimBody, CADVISOR_PREFIX};
+use super::block::parse_blocks;
 use super::cri::CriPods;
 use super::sandboxes::{PodLabels, Sandbox};
-use crate::metrics::exposition::{self, ExpositionError, Limits};
+use crate::metrics::exposition::{ExpositionError, Limits};
 use crate::mgmt::client::{self, ClientError, GetOptions};
 use crate::mgmt::PodIdentity;
 
@@ -224,7 +225,7 @@ pub(crate) fn shim_body_limits() -> Limits {
 /// Reads a shim's `/metrics` body into a sandbox's blocks.
 pub(crate) fn parse_body(body: &[u8], limits: &Limits) -> Result<ScrapedBody, ScrapeError> {
     let text = std::str::from_utf8(body).map_err(ScrapeError::NotUtf8)?;
-    let parsed = exposition::parse(text, limits)?;
+    let parsed = parse_blocks(text, limits, true)?;
     // A live shim always has its own families: nothing usable means the body was garbage.
     if parsed.families.is_empty() && !text.trim().is_empty() {
         let first_drop = parsed
@@ -247,7 +248,7 @@ pub(crate) fn parse_cadvisor_body(
     limits: &Limits,
 ) -> Result<ScrapedBody, ScrapeError> {
     let text = std::str::from_utf8(body).map_err(ScrapeError::NotUtf8)?;
-    let parsed = exposition::parse(text, limits)?;
+    let parsed = parse_blocks(text, limits, true)?;
     let (families, foreign): (Vec<_>, Vec<_>) = parsed
         .families
         .into_iter()
@@ -320,7 +321,9 @@ mod tests {
         assert_eq!(names, vec!["kata_guest_load", "kata_shim_process_open_fds"]);
         assert_eq!(scraped.dropped, 1, "the shim may not fill kata_monitor_*");
         let mut out = String::new();
-        scraped.body.families[0].write_lines("sandbox_id=\"real\"", &mut out);
+        scraped.body.families[0]
+            .samples
+            .write_lines("sandbox_id=\"real\"", &mut out);
         assert_eq!(
             out,
             "kata_guest_load{item=\"1m\",sandbox_id=\"real\"} 0.5\n"

@@ -18,7 +18,8 @@ mod syntax;
 pub(crate) mod test_support;
 
 pub(crate) use encode::{encode, escape_label_value, write_value};
-pub(crate) use parse::parse;
+pub(crate) use parse::{parse, parse_with};
+pub(crate) use syntax::labels_of;
 
 /// Labels only the host may set: kata-monitor appends them to every sandbox series, so neither a
 /// guest nor a shim may fill them.
@@ -89,12 +90,88 @@ impl Sample {
     }
 }
 
+impl From<&SampleRef<'_, '_>> for Sample {
+    fn from(s: &SampleRef<'_, '_>) -> Self {
+        Sample {
+            name: s.name.to_string(),
+            labels: s
+                .labels
+                .iter()
+                .map(|l| (l.name.to_string(), l.value().into_owned()))
+                .collect(),
+            value: s.value,
+            timestamp_ms: s.timestamp_ms,
+        }
+    }
+}
+
+/// A label as the text holds it: the value is still escaped (`\\`, `\"`, `\n`), which is also
+/// how an encoder writes it, so it can be copied to output as it is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct LabelRef<'t> {
+    pub(crate) name: &'t str,
+    pub(crate) escaped: &'t str,
+}
+
+/// A sample as the parser reads it, borrowing the text: nothing is allocated per sample until a
+/// [`SampleSink`] decides what to keep.
+#[derive(Debug)]
+pub(crate) struct SampleRef<'t, 'l> {
+    pub(crate) name: &'t str,
+    pub(crate) labels: &'l [LabelRef<'t>],
+    pub(crate) value: f64,
+    pub(crate) timestamp_ms: Option<i64>,
+}
+
+impl<'t> SampleRef<'t, '_> {
+    pub(crate) fn label(&self, name: &str) -> Option<&LabelRef<'t>> {
+        self.labels.iter().find(|l| l.name == name)
+    }
+}
+
+/// Where the parser puts the samples of one family: owned [`Sample`]s (`Vec<Sample>`), or a
+/// compact form of the caller's own (kata-monitor keeps encoded lines).
+pub(crate) trait SampleSink {
+    /// Keeps one valid sample; an error drops the whole family with that reason.
+    fn push(&mut self, sample: &SampleRef<'_, '_>) -> Result<(), String>;
+    fn is_empty(&self) -> bool;
+    /// The sample names held (each at least once).
+    fn names(&self) -> impl Iterator<Item = &str>;
+    /// Replaces the name prefix `from` with `to` on every sample that has it.
+    fn rename_prefix(&mut self, from: &str, to: &str);
+}
+
+impl SampleSink for Vec<Sample> {
+    fn push(&mut self, sample: &SampleRef<'_, '_>) -> Result<(), String> {
+        Vec::push(self, Sample::from(sample));
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        <[Sample]>::is_empty(self)
+    }
+
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.iter().map(|s| s.name.as_str())
+    }
+
+    fn rename_prefix(&mut self, from: &str, to: &str) {
+        for sample in self {
+            if let Some(rest) = sample.name.strip_prefix(from) {
+                sample.name = format!("{to}{rest}");
+            }
+        }
+    }
+}
+
+/// A family: name, HELP, TYPE and its samples, as owned [`Sample`]s unless the parser was given
+/// another [`SampleSink`].
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Family {
+pub(crate) struct Family<S = Vec<Sample>> {
     pub(crate) name: String,
     pub(crate) help: String,
     pub(crate) kind: MetricType,
-    pub(crate) samples: Vec<Sample>,
+    pub(crate) samples: S,
 }
 
 #[derive(Debug, Clone)]
@@ -125,10 +202,19 @@ pub(crate) struct Dropped {
     pub(crate) reason: String,
 }
 
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Exposition {
-    pub(crate) families: Vec<Family>,
+#[derive(Debug, Clone)]
+pub(crate) struct Exposition<S = Vec<Sample>> {
+    pub(crate) families: Vec<Family<S>>,
     pub(crate) dropped: Vec<Dropped>,
+}
+
+impl<S> Default for Exposition<S> {
+    fn default() -> Self {
+        Exposition {
+            families: Vec::new(),
+            dropped: Vec::new(),
+        }
+    }
 }
 
 /// Refusals of the whole input; everything finer-grained is a [`Dropped`] family.
@@ -140,21 +226,24 @@ pub(crate) enum ExpositionError {
     TooManySamples { limit: usize },
 }
 
-impl Family {
+impl<S: SampleSink> Family<S> {
     /// Replaces the name prefix `from` with `to` on the family and its samples.
     pub(crate) fn rename_prefix(&mut self, from: &str, to: &str) -> bool {
         let Some(rest) = self.name.strip_prefix(from) else {
             return false;
         };
         self.name = format!("{to}{rest}");
-        for sample in &mut self.samples {
-            if let Some(rest) = sample.name.strip_prefix(from) {
-                sample.name = format!("{to}{rest}");
-            }
-        }
+        self.samples.rename_prefix(from, to);
         true
     }
 
+    /// Whether the family's name or one of its sample names is longer than `max` bytes.
+    pub(crate) fn name_longer_than(&self, max: usize) -> bool {
+        self.name.len() > max || self.samples.names().any(|name| name.len() > max)
+    }
+}
+
+impl Family {
     pub(crate) fn has_label(&self, name: &str) -> bool {
         self.samples.iter().any(|s| s.label(name).is_some())
     }

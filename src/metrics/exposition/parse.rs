@@ -6,17 +6,29 @@ use std::collections::HashMap;
 use super::float::parse_float;
 use super::series::{series_text, SeriesIndex};
 use super::syntax::{clip, is_metric_name, parse_sample, split_name, split_token, unescape_help};
-use super::{Dropped, Exposition, ExpositionError, Family, Limits, MetricType, Sample};
+use super::{
+    Dropped, Exposition, ExpositionError, Family, LabelRef, Limits, MetricType, SampleRef,
+    SampleSink,
+};
 
 /// Parses exposition text, keeping every valid family and dropping each invalid one whole.
 pub(crate) fn parse(text: &str, limits: &Limits) -> Result<Exposition, ExpositionError> {
+    parse_with(text, limits, &Vec::new)
+}
+
+/// [`parse`], with each family's samples kept in a sink made by `new_sink`.
+pub(crate) fn parse_with<S: SampleSink>(
+    text: &str,
+    limits: &Limits,
+    new_sink: &dyn Fn() -> S,
+) -> Result<Exposition<S>, ExpositionError> {
     if text.len() > limits.max_bytes {
         return Err(ExpositionError::TooLarge {
             size: text.len(),
             limit: limits.max_bytes,
         });
     }
-    let mut parser = Parser::new(limits);
+    let mut parser = Parser::new(limits, new_sink);
     for (i, line) in text.split('\n').enumerate() {
         parser.line(i + 1, line)?;
     }
@@ -24,60 +36,65 @@ pub(crate) fn parse(text: &str, limits: &Limits) -> Result<Exposition, Expositio
 }
 
 /// A family being read; becomes a [`Slot`] when the next family starts.
-struct Builder {
+struct Builder<S> {
     name: String,
     help: Option<String>,
     kind: Option<MetricType>,
-    samples: Vec<Sample>,
+    samples: S,
     /// First problem found; the family is dropped with this reason.
     error: Option<String>,
     /// Set when this is a later, non-contiguous part of a family already in `slots`.
     earlier: Option<usize>,
 }
 
-impl Builder {
+impl<S> Builder<S> {
     fn kind(&self) -> MetricType {
         self.kind.unwrap_or(MetricType::Untyped)
     }
+}
 
-    /// Records the first problem and frees the samples: the family is lost anyway.
-    fn fail(&mut self, reason: String) {
-        if self.error.is_none() {
-            self.error = Some(reason);
-            self.samples = Vec::new();
-        }
+/// Records the first problem and frees the samples: the family is lost anyway.
+fn fail<S: SampleSink>(b: &mut Builder<S>, new_sink: &dyn Fn() -> S, reason: String) {
+    if b.error.is_none() {
+        b.error = Some(reason);
+        b.samples = new_sink();
     }
 }
 
-enum Slot {
-    Kept(Family),
+enum Slot<S> {
+    Kept(Family<S>),
     Dropped(Dropped),
 }
 
-struct Parser<'l> {
+struct Parser<'t, 'l, S> {
     limits: &'l Limits,
+    new_sink: &'l dyn Fn() -> S,
     /// Finished families (and unattributable bad lines) in input order.
-    slots: Vec<Slot>,
+    slots: Vec<Slot<S>>,
     /// Finished family name -> (slot, type), to catch families that come back later.
     finished: HashMap<String, (usize, MetricType)>,
-    current: Option<Builder>,
-    series: SeriesIndex,
+    current: Option<Builder<S>>,
+    series: SeriesIndex<'t>,
+    /// The labels of the line being read (reused: no allocation per sample).
+    labels: Vec<LabelRef<'t>>,
     samples_seen: usize,
 }
 
-impl<'l> Parser<'l> {
-    fn new(limits: &'l Limits) -> Self {
+impl<'t, 'l, S: SampleSink> Parser<'t, 'l, S> {
+    fn new(limits: &'l Limits, new_sink: &'l dyn Fn() -> S) -> Self {
         Parser {
             limits,
+            new_sink,
             slots: Vec::new(),
             finished: HashMap::new(),
             current: None,
             series: SeriesIndex::default(),
+            labels: Vec::new(),
             samples_seen: 0,
         }
     }
 
-    fn line(&mut self, n: usize, line: &str) -> Result<(), ExpositionError> {
+    fn line(&mut self, n: usize, line: &'t str) -> Result<(), ExpositionError> {
         let line = line.trim_start_matches([' ', '\t']);
         if line.is_empty() {
             return Ok(());
@@ -115,19 +132,27 @@ impl<'l> Parser<'l> {
         let Some(builder) = self.current.as_mut() else {
             return;
         };
+        let new_sink = self.new_sink;
         if name.len() > self.limits.max_name_bytes {
-            builder.fail(format!("line {n}: metric name longer than limit"));
+            fail(
+                builder,
+                new_sink,
+                format!("line {n}: metric name longer than limit"),
+            );
             return;
         }
         let rest = rest.trim_start_matches([' ', '\t']);
-        if keyword == "HELP" {
-            set_help(builder, n, rest);
+        let problem = if keyword == "HELP" {
+            set_help(builder, n, rest)
         } else {
-            set_type(builder, n, rest);
+            set_type(builder, n, rest)
+        };
+        if let Err(reason) = problem {
+            fail(builder, new_sink, reason);
         }
     }
 
-    fn sample(&mut self, n: usize, line: &str) {
+    fn sample(&mut self, n: usize, line: &'t str) {
         let (name, rest) = split_name(line);
         if !is_metric_name(name) {
             self.stray(n, name, "invalid metric name".to_string());
@@ -145,16 +170,23 @@ impl<'l> Parser<'l> {
         if builder.error.is_some() {
             return;
         }
-        match parse_sample(name, rest, self.limits).and_then(|s| check_sample(builder, s)) {
-            Ok(sample) => {
-                if self.series.is_new(&builder.samples, &sample) {
-                    builder.samples.push(sample);
-                } else {
-                    let series = series_text(&sample);
-                    builder.fail(format!("line {n}: duplicate series {series}"));
+        let problem = parse_sample(name, rest, self.limits, &mut self.labels).and_then(
+            |(value, timestamp_ms)| {
+                let sample = SampleRef {
+                    name,
+                    labels: &self.labels,
+                    value,
+                    timestamp_ms,
+                };
+                check_sample(builder, &sample)?;
+                if !self.series.is_new(&sample, (name, rest)) {
+                    return Err(format!("duplicate series {}", series_text(&sample)));
                 }
-            }
-            Err(why) => builder.fail(format!("line {n}: {why}")),
+                builder.samples.push(&sample)
+            },
+        );
+        if let Err(why) = problem {
+            fail(builder, self.new_sink, format!("line {n}: {why}"));
         }
     }
 
@@ -170,7 +202,7 @@ impl<'l> Parser<'l> {
             name: family,
             help: None,
             kind: None,
-            samples: Vec::new(),
+            samples: (self.new_sink)(),
             error: None,
             earlier,
         });
@@ -237,7 +269,7 @@ impl<'l> Parser<'l> {
         }));
     }
 
-    fn finish(mut self) -> Exposition {
+    fn finish(mut self) -> Exposition<S> {
         self.finish_current();
         let mut out = Exposition::default();
         for slot in self.slots {
@@ -250,33 +282,31 @@ impl<'l> Parser<'l> {
     }
 }
 
-fn set_help(b: &mut Builder, n: usize, text: &str) {
+fn set_help<S>(b: &mut Builder<S>, n: usize, text: &str) -> Result<(), String> {
     if b.help.is_some() {
-        b.fail(format!("line {n}: second HELP line for {}", b.name));
-        return;
+        return Err(format!("line {n}: second HELP line for {}", b.name));
     }
-    match unescape_help(text) {
-        Ok(help) => b.help = Some(help),
-        Err(why) => b.fail(format!("line {n}: {why}")),
-    }
+    let help = unescape_help(text).map_err(|why| format!("line {n}: {why}"))?;
+    b.help = Some(help);
+    Ok(())
 }
 
-fn set_type(b: &mut Builder, n: usize, rest: &str) {
+fn set_type<S: SampleSink>(b: &mut Builder<S>, n: usize, rest: &str) -> Result<(), String> {
     let word = rest.trim_end_matches([' ', '\t']);
     if b.kind.is_some() {
-        b.fail(format!("line {n}: second TYPE line for {}", b.name));
+        Err(format!("line {n}: second TYPE line for {}", b.name))
     } else if !b.samples.is_empty() {
-        b.fail(format!("line {n}: TYPE line after samples of {}", b.name));
+        Err(format!("line {n}: TYPE line after samples of {}", b.name))
     } else {
-        match MetricType::from_word(word) {
-            Some(kind) => b.kind = Some(kind),
-            None => b.fail(format!("line {n}: unknown TYPE {:?}", clip(word, 32))),
-        }
+        let kind = MetricType::from_word(word)
+            .ok_or_else(|| format!("line {n}: unknown TYPE {:?}", clip(word, 32)))?;
+        b.kind = Some(kind);
+        Ok(())
     }
 }
 
 /// Type-specific rules: histogram buckets need `le`, summary quantiles need `quantile`.
-fn check_sample(b: &Builder, sample: Sample) -> Result<Sample, String> {
+fn check_sample<S>(b: &Builder<S>, sample: &SampleRef<'_, '_>) -> Result<(), String> {
     let needed = match b.kind() {
         MetricType::Histogram if sample.name == b.name => {
             return Err(format!(
@@ -289,15 +319,18 @@ fn check_sample(b: &Builder, sample: Sample) -> Result<Sample, String> {
         _ => None,
     };
     if let Some(label) = needed {
-        match sample.label(label) {
-            None => return Err(format!("{} has no {label} label", sample.name)),
-            Some(v) if parse_float(v).is_none() => {
-                return Err(format!("{label} label {:?} is not a number", clip(v, 32)))
-            }
-            Some(_) => {}
+        let Some(found) = sample.label(label) else {
+            return Err(format!("{} has no {label} label", sample.name));
+        };
+        let value = found.value();
+        if parse_float(&value).is_none() {
+            return Err(format!(
+                "{label} label {:?} is not a number",
+                clip(&value, 32)
+            ));
         }
     }
-    Ok(sample)
+    Ok(())
 }
 
 #[cfg(test)]

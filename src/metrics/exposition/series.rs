@@ -1,39 +1,43 @@
 //! Series identity: which samples of a family are the same series (same name and label set, in
-//! any label order), found in O(1) per sample with a keyed hash.
+//! any label order), found in O(1) per sample with a keyed hash and no allocation.
 
 use std::collections::hash_map::{Entry, RandomState};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
-use super::encode::write_labels;
-use super::Sample;
+use super::syntax::parse_sample;
+use super::{LabelRef, Limits, SampleRef};
 
 /// Two samples are the same series when name and label set match (label order does not matter).
-fn same_series(a: &Sample, b: &Sample) -> bool {
+/// Values are compared as written: the only escapes are `\\`, `\"` and `\n`, so equal values are
+/// written alike.
+fn same_series(a: &SampleRef<'_, '_>, b: &SampleRef<'_, '_>) -> bool {
     a.name == b.name
         && a.labels.len() == b.labels.len()
-        && a.labels.iter().all(|(k, v)| b.label(k) == Some(v.as_str()))
+        && a.labels
+            .iter()
+            .all(|l| b.label(l.name).is_some_and(|m| m.escaped == l.escaped))
 }
 
 /// Series hash over the name and the labels in name order (so label order does not matter).
 /// Keyed (`RandomState`) so guest text cannot force collisions.
-fn series_hash(hasher: &RandomState, s: &Sample) -> u64 {
+fn series_hash(hasher: &RandomState, s: &SampleRef<'_, '_>) -> u64 {
     let mut h = hasher.build_hasher();
     // 0xff never occurs in UTF-8, so it separates fields unambiguously.
     h.write(s.name.as_bytes());
     h.write_u8(0xff);
-    let mut pair = |(k, v): &(String, String)| {
-        h.write(k.as_bytes());
+    let mut pair = |l: &LabelRef<'_>| {
+        h.write(l.name.as_bytes());
         h.write_u8(0xff);
-        h.write(v.as_bytes());
+        h.write(l.escaped.as_bytes());
         h.write_u8(0xff);
     };
-    if s.labels.windows(2).all(|w| w[0].0 <= w[1].0) {
+    if s.labels.windows(2).all(|w| w[0].name <= w[1].name) {
         s.labels.iter().for_each(&mut pair);
     } else {
         // Rare (labels are usually written sorted): sort references, not the labels.
-        let mut sorted: Vec<&(String, String)> = s.labels.iter().collect();
-        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut sorted: Vec<&LabelRef<'_>> = s.labels.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.name.cmp(b.name));
         sorted.into_iter().for_each(pair);
     }
     h.finish()
@@ -57,72 +61,134 @@ impl Hasher for PassThrough {
     }
 }
 
-/// Finds repeated series among the samples of one family in O(1) per sample.
+/// A sample kept by where it is in the text: its name and the text after the name.
+type Written<'t> = (&'t str, &'t str);
+
+/// Finds repeated series among the samples of one family in O(1) per sample. It keeps where each
+/// series was written and reads it again only when two hashes meet.
 #[derive(Default)]
-pub(super) struct SeriesIndex {
+pub(super) struct SeriesIndex<'t> {
     hasher: RandomState,
-    /// Series hash -> index of the first sample with it.
-    first: HashMap<u64, usize, BuildHasherDefault<PassThrough>>,
+    /// Series hash -> the first sample with it.
+    first: HashMap<u64, Written<'t>, BuildHasherDefault<PassThrough>>,
+    /// Other series whose hash met one in `first` (practically never).
+    collided: Vec<(u64, Written<'t>)>,
 }
 
-impl SeriesIndex {
+impl<'t> SeriesIndex<'t> {
     pub(super) fn clear(&mut self) {
         self.first.clear();
+        self.collided.clear();
     }
 
-    /// Whether `s` is a new series (the caller then pushes it onto `existing`).
-    pub(super) fn is_new(&mut self, existing: &[Sample], s: &Sample) -> bool {
-        match self.first.entry(series_hash(&self.hasher, s)) {
+    /// Whether `s`, written as `written`, is a series not seen since the last `clear`.
+    pub(super) fn is_new(&mut self, s: &SampleRef<'_, '_>, written: Written<'t>) -> bool {
+        let hash = series_hash(&self.hasher, s);
+        let first = match self.first.entry(hash) {
             Entry::Vacant(e) => {
-                e.insert(existing.len());
-                true
+                e.insert(written);
+                return true;
             }
-            Entry::Occupied(e) => {
-                if existing.get(*e.get()).is_some_and(|o| same_series(o, s)) {
+            Entry::Occupied(e) => *e.get(),
+        };
+        let candidates = std::iter::once(first).chain(
+            self.collided
+                .iter()
+                .filter(|(h, _)| *h == hash)
+                .map(|(_, w)| *w),
+        );
+        let mut labels = Vec::new();
+        for (name, rest) in candidates {
+            // Text accepted once reads the same again; no limit can refuse it now.
+            let limits = Limits {
+                max_name_bytes: usize::MAX,
+                max_label_value_bytes: usize::MAX,
+                max_labels_per_sample: usize::MAX,
+                ..Limits::default()
+            };
+            if let Ok((value, timestamp_ms)) = parse_sample(name, rest, &limits, &mut labels) {
+                let earlier = SampleRef {
+                    name,
+                    labels: &labels,
+                    value,
+                    timestamp_ms,
+                };
+                if same_series(&earlier, s) {
                     return false;
                 }
-                // A real hash collision (practically never): fall back to a scan.
-                !existing.iter().any(|o| same_series(o, s))
             }
         }
+        self.collided.push((hash, written));
+        true
     }
 }
 
 /// `name{labels}` as it appears in the text, for messages.
-pub(super) fn series_text(s: &Sample) -> String {
+pub(super) fn series_text(s: &SampleRef<'_, '_>) -> String {
     let mut out = String::with_capacity(s.name.len() + 16);
-    out.push_str(&s.name);
-    write_labels(&s.labels, &mut out);
+    out.push_str(s.name);
+    for (i, label) in s.labels.iter().enumerate() {
+        out.push(if i == 0 { '{' } else { ',' });
+        out.push_str(label.name);
+        out.push_str("=\"");
+        out.push_str(label.escaped);
+        out.push('"');
+    }
+    if !s.labels.is_empty() {
+        out.push('}');
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::exposition::test_support::sample;
+    use crate::metrics::exposition::syntax::split_name;
+
+    /// Reads `line` and asks the index whether it is a new series.
+    fn is_new<'t>(index: &mut SeriesIndex<'t>, line: &'t str) -> bool {
+        let (name, rest) = split_name(line);
+        let mut labels = Vec::new();
+        let (value, timestamp_ms) =
+            parse_sample(name, rest, &Limits::default(), &mut labels).expect("a valid line");
+        let sample = SampleRef {
+            name,
+            labels: &labels,
+            value,
+            timestamp_ms,
+        };
+        index.is_new(&sample, (name, rest))
+    }
 
     #[test]
     fn label_order_does_not_make_a_new_series() {
         let mut index = SeriesIndex::default();
-        let first = sample("x", &[("a", "1"), ("b", "2")], 1.0);
-        assert!(index.is_new(&[], &first));
-        let reordered = sample("x", &[("b", "2"), ("a", "1")], 2.0);
-        assert!(!index.is_new(std::slice::from_ref(&first), &reordered));
-        let other = sample("x", &[("a", "1"), ("b", "3")], 3.0);
-        assert!(index.is_new(std::slice::from_ref(&first), &other));
+        assert!(is_new(&mut index, r#"x{a="1",b="2"} 1"#));
+        assert!(!is_new(&mut index, r#"x{b="2",a="1"} 2"#));
+        assert!(is_new(&mut index, r#"x{a="1",b="3"} 3"#));
+        assert!(is_new(&mut index, r#"x{a="1\n",b="3"} 3"#));
+        assert!(!is_new(&mut index, r#"x{b="3",a="1\n"} 3"#));
     }
 
     #[test]
     fn a_hash_collision_is_not_taken_for_a_repeat() {
         let mut index = SeriesIndex::default();
-        let first = sample("x", &[("a", "1")], 1.0);
-        assert!(index.is_new(&[], &first));
-        let existing = [first];
-        // Pretend `other` hashes like the first sample: the index must compare the series.
-        let other = sample("x", &[("a", "2")], 2.0);
+        assert!(is_new(&mut index, r#"x{a="1"} 1"#));
+        // Pretend `x{a="2"}` hashes like `x{a="1"}`: the index must compare the series.
+        let labels = [LabelRef {
+            name: "a",
+            escaped: "2",
+        }];
+        let other = SampleRef {
+            name: "x",
+            labels: &labels,
+            value: 2.0,
+            timestamp_ms: None,
+        };
         let collided = series_hash(&index.hasher, &other);
-        index.first.insert(collided, 0);
-        assert!(index.is_new(&existing, &other));
-        assert!(!index.is_new(&existing, &existing[0]));
+        index.first.insert(collided, ("x", r#"{a="1"} 1"#));
+        assert!(is_new(&mut index, r#"x{a="2"} 2"#));
+        assert!(!is_new(&mut index, r#"x{a="2"} 3"#));
+        assert!(!is_new(&mut index, r#"x{a="1"} 4"#));
     }
 }

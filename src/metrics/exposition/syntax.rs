@@ -2,17 +2,25 @@
 //! and timestamp, HELP text escapes. Each reader says why a line is bad; the parser decides what
 //! that costs.
 
-use super::float::parse_float;
-use super::{Limits, Sample};
+use std::borrow::Cow;
 
-/// Parses what follows the metric name: `{labels}`, value, optional timestamp.
-pub(super) fn parse_sample(name: &str, rest: &str, limits: &Limits) -> Result<Sample, String> {
+use super::float::parse_float;
+use super::{LabelRef, Limits};
+
+/// Reads what follows the metric name: `{labels}` into `labels` (cleared first), then the value
+/// and the optional timestamp.
+pub(super) fn parse_sample<'t>(
+    name: &str,
+    rest: &'t str,
+    limits: &Limits,
+    labels: &mut Vec<LabelRef<'t>>,
+) -> Result<(f64, Option<i64>), String> {
+    labels.clear();
     if name.len() > limits.max_name_bytes {
         return Err("metric name longer than limit".to_string());
     }
-    let mut labels = Vec::new();
     let rest = match rest.strip_prefix('{') {
-        Some(inside) => parse_labels(inside, limits, &mut labels)?,
+        Some(inside) => parse_labels(inside, limits, labels)?,
         None => rest,
     };
     let rest = rest.trim_start_matches([' ', '\t']);
@@ -30,20 +38,25 @@ pub(super) fn parse_sample(name: &str, rest: &str, limits: &Limits) -> Result<Sa
     if !rest.trim_matches([' ', '\t']).is_empty() {
         return Err("unexpected text after the timestamp".to_string());
     }
-    Ok(Sample {
-        name: name.to_string(),
-        labels,
-        value,
-        timestamp_ms,
-    })
+    Ok((value, timestamp_ms))
+}
+
+/// The labels of an encoded label set, `{a="b",...}` or nothing (for text this module's readers
+/// already accepted, such as kata-monitor's stored lines).
+pub(crate) fn labels_of<'t>(text: &'t str, limits: &Limits) -> Result<Vec<LabelRef<'t>>, String> {
+    let mut labels = Vec::new();
+    if let Some(inside) = text.strip_prefix('{') {
+        parse_labels(inside, limits, &mut labels)?;
+    }
+    Ok(labels)
 }
 
 /// Parses `name="value",...}` (the `{` already consumed) and returns the text after `}`.
-fn parse_labels<'a>(
-    mut s: &'a str,
+fn parse_labels<'t>(
+    mut s: &'t str,
     limits: &Limits,
-    labels: &mut Vec<(String, String)>,
-) -> Result<&'a str, String> {
+    labels: &mut Vec<LabelRef<'t>>,
+) -> Result<&'t str, String> {
     loop {
         s = s.trim_start_matches([' ', '\t']);
         if let Some(after) = s.strip_prefix('}') {
@@ -53,7 +66,8 @@ fn parse_labels<'a>(
             return Err("unterminated label set".to_string());
         }
         let end = s
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .bytes()
+            .position(|b| !(b.is_ascii_alphanumeric() || b == b'_'))
             .unwrap_or(s.len());
         let (name, after) = s.split_at(end);
         check_label_name(name, limits, labels)?;
@@ -65,14 +79,14 @@ fn parse_labels<'a>(
         let after = after
             .strip_prefix('"')
             .ok_or_else(|| format!("label {name} value is not quoted"))?;
-        let (value, after) = parse_label_value(after)?;
-        if value.len() > limits.max_label_value_bytes {
+        let (escaped, length, after) = parse_label_value(after)?;
+        if length > limits.max_label_value_bytes {
             return Err(format!("label {name} value longer than limit"));
         }
         if labels.len() >= limits.max_labels_per_sample {
             return Err(format!("more than {} labels", limits.max_labels_per_sample));
         }
-        labels.push((name.to_string(), value));
+        labels.push(LabelRef { name, escaped });
         s = after.trim_start_matches([' ', '\t']);
         if let Some(next) = s.strip_prefix(',') {
             s = next;
@@ -82,11 +96,7 @@ fn parse_labels<'a>(
     }
 }
 
-fn check_label_name(
-    name: &str,
-    limits: &Limits,
-    labels: &[(String, String)],
-) -> Result<(), String> {
+fn check_label_name(name: &str, limits: &Limits, labels: &[LabelRef<'_>]) -> Result<(), String> {
     if !is_label_name(name) {
         return Err("invalid or missing label name".to_string());
     }
@@ -99,42 +109,63 @@ fn check_label_name(
     if name.len() > limits.max_name_bytes {
         return Err("label name longer than limit".to_string());
     }
-    if labels.iter().any(|(k, _)| k == name) {
+    if labels.iter().any(|l| l.name == name) {
         return Err(format!("label {name} appears twice"));
     }
     Ok(())
 }
 
-/// Reads a quoted label value (after the opening quote) up to the closing quote.
-fn parse_label_value(s: &str) -> Result<(String, &str), String> {
-    let end = s
-        .find(['"', '\\'])
-        .ok_or_else(|| "unterminated label value".to_string())?;
-    // Fast path: no escapes at all.
-    if s[end..].starts_with('"') {
-        return Ok((s[..end].to_string(), &s[end + 1..]));
-    }
-    let mut value = String::with_capacity(s.len().min(64));
-    let mut chars = s.char_indices();
-    while let Some((i, c)) = chars.next() {
-        match c {
-            '"' => return Ok((value, &s[i + 1..])),
-            '\\' => match chars.next() {
-                Some((_, '\\')) => value.push('\\'),
-                Some((_, '"')) => value.push('"'),
-                Some((_, 'n')) => value.push('\n'),
-                Some((_, other)) => {
-                    return Err(format!(
-                        "invalid escape \\{} in label value",
-                        other.escape_debug()
-                    ))
-                }
-                None => break,
-            },
-            _ => value.push(c),
+/// Reads a quoted label value (after the opening quote) up to the closing quote: the value as
+/// written, its length once unescaped, and the text after the quote. Only `\\`, `\"` and `\n`
+/// are escapes.
+fn parse_label_value(s: &str) -> Result<(&str, usize, &str), String> {
+    let bytes = s.as_bytes();
+    let mut escapes = 0;
+    let mut i = 0;
+    while let Some(offset) = bytes[i..].iter().position(|&b| b == b'"' || b == b'\\') {
+        let at = i + offset;
+        if bytes[at] == b'"' {
+            return Ok((&s[..at], at - escapes, &s[at + 1..]));
         }
+        match bytes.get(at + 1) {
+            Some(b'\\' | b'"' | b'n') => {}
+            Some(_) => {
+                let other = s[at + 1..].chars().next().unwrap_or_default();
+                return Err(format!(
+                    "invalid escape \\{} in label value",
+                    other.escape_debug()
+                ));
+            }
+            None => break,
+        }
+        escapes += 1;
+        i = at + 2;
     }
     Err("unterminated label value".to_string())
+}
+
+impl LabelRef<'_> {
+    /// The value with its escapes resolved (borrowed when it has none).
+    pub(crate) fn value(&self) -> Cow<'_, str> {
+        if !self.escaped.contains('\\') {
+            return Cow::Borrowed(self.escaped);
+        }
+        let mut value = String::with_capacity(self.escaped.len());
+        let mut chars = self.escaped.chars();
+        while let Some(c) = chars.next() {
+            if c != '\\' {
+                value.push(c);
+                continue;
+            }
+            match chars.next() {
+                Some('n') => value.push('\n'),
+                // `\\` and `\"`: the parser accepted no other escape.
+                Some(other) => value.push(other),
+                None => {}
+            }
+        }
+        Cow::Owned(value)
+    }
 }
 
 /// HELP text allows only `\\` and `\n` escapes.

@@ -1,0 +1,241 @@
+//! The compact form in which kata-monitor keeps one family of one sandbox until the answer is
+//! written: the parser's [`SampleSink`] that encodes each sample line at once, without the host
+//! labels, and remembers where in the line they go.
+//!
+//! A node can hold hundreds of sandboxes with ~1000 series each. Keeping them as parsed samples, or
+//! as text with the four host labels already written into every line, would take several times
+//! the size of the shims' own bodies.
+
+use std::collections::HashSet;
+
+use crate::metrics::exposition::{
+    labels_of, parse_with, write_value, Exposition, ExpositionError, Family, Limits, SampleRef,
+    SampleSink, HOST_LABELS,
+};
+
+/// One family of one sandbox, ready to be written but for the host labels.
+pub(crate) type FamilyBlock = Family<BlockLines>;
+
+/// The sample lines of one family.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct BlockLines {
+    /// Host labels a shim or guest set are left out (kata-monitor writes its own).
+    strip_host_labels: bool,
+    /// Whether a host label was left out: two series may have become one.
+    stripped: bool,
+    /// The sample names (`x`, or `x_bucket`, `x_sum`, `x_count`), stored once: they are half of a
+    /// typical body, and a family owns at most four.
+    names: Vec<String>,
+    /// Per line: its sample name in `names`.
+    name_of: Vec<u8>,
+    /// Encoded sample lines without their names. Line `i` is `lines[prev..insert_i]` + host labels
+    /// + the rest up to its newline: `{a="b"` ^ `} 1\n`, or ^ ` 1\n` for a line without labels.
+    lines: String,
+    /// Per line: where the host labels go; the top bit says the line already has labels.
+    inserts: Vec<u32>,
+}
+
+const HAS_LABELS: u32 = 1 << 31;
+
+/// Parses exposition text straight into blocks (the strict parser, no per-sample allocation).
+pub(crate) fn parse_blocks(
+    text: &str,
+    limits: &Limits,
+    strip_host_labels: bool,
+) -> Result<Exposition<BlockLines>, ExpositionError> {
+    parse_with(text, limits, &|| BlockLines::new(strip_host_labels))
+}
+
+/// One stored line, in pieces: `name` + `head` + host labels + `tail`.
+struct Line<'b> {
+    name: &'b str,
+    /// `{a="b"` (without the closing brace), or empty.
+    head: &'b str,
+    has_labels: bool,
+    /// `} 1\n` or ` 1\n`.
+    tail: &'b str,
+}
+
+impl BlockLines {
+    /// `strip_host_labels`: leave out the labels only the host may set (a shim's families).
+    pub(crate) fn new(strip_host_labels: bool) -> Self {
+        BlockLines {
+            strip_host_labels,
+            stripped: false,
+            names: Vec::new(),
+            name_of: Vec::new(),
+            lines: String::new(),
+            inserts: Vec::new(),
+        }
+    }
+
+    /// How many sample lines the block holds.
+    pub(crate) fn len(&self) -> usize {
+        self.inserts.len()
+    }
+
+    /// Blocks live until the answer is written, hundreds of sandboxes at once: no growth slack.
+    pub(crate) fn shrink(&mut self) {
+        self.lines.shrink_to_fit();
+        self.inserts.shrink_to_fit();
+        self.name_of.shrink_to_fit();
+        self.names.shrink_to_fit();
+    }
+
+    fn lines(&self) -> impl Iterator<Item = Line<'_>> {
+        let mut start = 0usize;
+        self.inserts
+            .iter()
+            .zip(&self.name_of)
+            .map_while(move |(&insert, &name)| {
+                let offset = (insert & !HAS_LABELS) as usize;
+                let head = self.lines.get(start..offset)?;
+                let rest = self.lines.get(offset..)?;
+                // This line ends with its newline; the next starts after it.
+                let tail_len = rest.find('\n').map_or(rest.len(), |i| i + 1);
+                start = offset + tail_len;
+                Some(Line {
+                    name: self.names.get(name as usize)?,
+                    head,
+                    has_labels: insert & HAS_LABELS != 0,
+                    tail: &rest[..tail_len],
+                })
+            })
+    }
+
+    /// Writes the lines with `host` (`sandbox_id="..",...`, possibly empty) added to each.
+    pub(crate) fn write_lines(&self, host: &str, out: &mut String) {
+        for line in self.lines() {
+            out.push_str(line.name);
+            out.push_str(line.head);
+            if !host.is_empty() {
+                if line.has_labels {
+                    out.push(',');
+                    out.push_str(host);
+                } else {
+                    out.push('{');
+                    out.push_str(host);
+                    out.push('}');
+                }
+            }
+            out.push_str(line.tail);
+        }
+    }
+
+    /// Whether leaving out the host labels made two series one (`x{sandbox_id="a"}` and
+    /// `x{sandbox_id="b"}`): the family must be dropped then, as its lines would repeat a series.
+    pub(crate) fn merged_series(&self) -> bool {
+        if !self.stripped {
+            return false;
+        }
+        // Rare (a shim that sets host labels): read the stored label sets back and compare.
+        let limits = Limits {
+            max_labels_per_sample: usize::MAX,
+            max_label_value_bytes: usize::MAX,
+            max_name_bytes: usize::MAX,
+            ..Limits::default()
+        };
+        let mut seen = HashSet::with_capacity(self.len());
+        let mut label_set = String::new();
+        self.lines().any(|line| {
+            label_set.clear();
+            label_set.push_str(line.head);
+            label_set.push('}');
+            let Ok(mut labels) = labels_of(&label_set, &limits) else {
+                return true;
+            };
+            labels.sort_unstable_by(|a, b| a.name.cmp(b.name));
+            let key: Vec<(String, String)> = labels
+                .iter()
+                .map(|l| (l.name.to_string(), l.escaped.to_string()))
+                .collect();
+            !seen.insert((line.name, key))
+        })
+    }
+}
+
+impl SampleSink for BlockLines {
+    fn push(&mut self, sample: &SampleRef<'_, '_>) -> Result<(), String> {
+        // Samples of one name come together: try the previous line's name first.
+        let last = self.name_of.last().map_or(0, |&i| usize::from(i));
+        let index = if self.names.get(last).is_some_and(|n| n == sample.name) {
+            last
+        } else if let Some(index) = self.names.iter().position(|n| n == sample.name) {
+            index
+        } else {
+            self.names.push(sample.name.to_string());
+            self.names.len() - 1
+        };
+        let index = u8::try_from(index).map_err(|_| "more than 256 sample names".to_string())?;
+        let mut mark = 0;
+        for label in sample.labels {
+            if self.strip_host_labels && HOST_LABELS.contains(&label.name) {
+                // A host label from a shim or guest is replaced, never repeated.
+                self.stripped = true;
+                continue;
+            }
+            self.lines.push(if mark == 0 { '{' } else { ',' });
+            mark = HAS_LABELS;
+            self.lines.push_str(label.name);
+            self.lines.push_str("=\"");
+            // As written: the text's escapes are the ones an encoder writes.
+            self.lines.push_str(label.escaped);
+            self.lines.push('"');
+        }
+        let offset = u32::try_from(self.lines.len())
+            .ok()
+            .filter(|offset| offset & HAS_LABELS == 0)
+            .ok_or_else(|| "family larger than 2 GiB".to_string())?;
+        self.inserts.push(offset | mark);
+        self.name_of.push(index);
+        if mark != 0 {
+            self.lines.push('}');
+        }
+        self.lines.push(' ');
+        write_value(sample.value, &mut self.lines);
+        self.lines.push('\n');
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.inserts.is_empty()
+    }
+
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+
+    fn rename_prefix(&mut self, from: &str, to: &str) {
+        for name in &mut self.names {
+            if let Some(rest) = name.strip_prefix(from) {
+                *name = format!("{to}{rest}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use crate::metrics::exposition::encode;
+
+    fn parsed(families: &[Family], strip_host_labels: bool) -> Vec<FamilyBlock> {
+        let mut text = String::new();
+        encode(families, &mut text);
+        match parse_blocks(&text, &Limits::default(), strip_host_labels) {
+            Ok(parsed) if parsed.dropped.is_empty() => parsed.families,
+            Ok(parsed) => panic!("dropped {:?} from {text}", parsed.dropped),
+            Err(err) => panic!("{err}: {text}"),
+        }
+    }
+
+    /// A shim's families as the monitor keeps them (host labels left out).
+    pub(crate) fn blocks_of(families: Vec<Family>) -> Vec<FamilyBlock> {
+        parsed(&families, true)
+    }
+
+    /// One of the monitor's own families, labels as they are.
+    pub(crate) fn block_of(family: &Family) -> FamilyBlock {
+        parsed(std::slice::from_ref(family), false).remove(0)
+    }
+}
