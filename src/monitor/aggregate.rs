@@ -53,12 +53,7 @@ pub(crate) fn cadvisor_body(families: Vec<Family<BlockLines>>) -> (ShimBody, usi
 
 /// Sorts the blocks by name, keeps the first of each name, and counts what was left out of `total`.
 fn body_of(blocks: impl Iterator<Item = FamilyBlock>, total: usize) -> (ShimBody, usize) {
-    let mut families: Vec<FamilyBlock> = blocks
-        .map(|mut block| {
-            block.samples.shrink();
-            block
-        })
-        .collect();
+    let mut families: Vec<FamilyBlock> = blocks.collect();
     families.sort_by(|a, b| a.name.cmp(&b.name));
     families.dedup_by(|later, first| later.name == first.name);
     let dropped = total - families.len();

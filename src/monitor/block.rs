@@ -74,14 +74,6 @@ impl BlockLines {
         self.inserts.len()
     }
 
-    /// Blocks live until the answer is written, hundreds of sandboxes at once: no growth slack.
-    pub(crate) fn shrink(&mut self) {
-        self.lines.shrink_to_fit();
-        self.inserts.shrink_to_fit();
-        self.name_of.shrink_to_fit();
-        self.names.shrink_to_fit();
-    }
-
     fn lines(&self) -> impl Iterator<Item = Line<'_>> {
         let mut start = 0usize;
         self.inserts
@@ -156,6 +148,13 @@ impl BlockLines {
 
 impl SampleSink for BlockLines {
     fn push(&mut self, sample: &SampleRef<'_, '_>) -> Result<(), String> {
+        if self.inserts.is_empty() {
+            // Most families hold a few dozen lines: skip the first rounds of growth (`done`
+            // gives back what is left over).
+            self.lines.reserve(2048);
+            self.inserts.reserve(64);
+            self.name_of.reserve(64);
+        }
         // Samples of one name come together: try the previous line's name first.
         let last = self.name_of.last().map_or(0, |&i| usize::from(i));
         let index = if self.names.get(last).is_some_and(|n| n == sample.name) {
@@ -168,7 +167,18 @@ impl SampleSink for BlockLines {
         };
         let index = u8::try_from(index).map_err(|_| "more than 256 sample names".to_string())?;
         let mut mark = 0;
-        for label in sample.labels {
+        let has_host_label =
+            self.strip_host_labels && sample.labels.iter().any(|l| HOST_LABELS.contains(&l.name));
+        let labels = match sample.compact_label_text() {
+            // The common case: copy the label set as written, without its closing brace.
+            Some(text) if !has_host_label => {
+                self.lines.push_str(&text[..text.len() - 1]);
+                mark = HAS_LABELS;
+                &[]
+            }
+            _ => sample.labels,
+        };
+        for label in labels {
             if self.strip_host_labels && HOST_LABELS.contains(&label.name) {
                 // A host label from a shim or guest is replaced, never repeated.
                 self.stripped = true;
@@ -192,7 +202,10 @@ impl SampleSink for BlockLines {
             self.lines.push('}');
         }
         self.lines.push(' ');
-        write_value(sample.value, &mut self.lines);
+        match sample.plain_integer_text() {
+            Some(text) => self.lines.push_str(text),
+            None => write_value(sample.value, &mut self.lines),
+        }
         self.lines.push('\n');
         Ok(())
     }
@@ -205,12 +218,56 @@ impl SampleSink for BlockLines {
         self.names.iter().map(String::as_str)
     }
 
+    /// Blocks live until the answer is written, hundreds of sandboxes at once: no growth slack,
+    /// and freed at once so that the next family can use it.
+    fn done(&mut self) {
+        self.lines.shrink_to_fit();
+        self.inserts.shrink_to_fit();
+        self.name_of.shrink_to_fit();
+        self.names.shrink_to_fit();
+    }
+
     fn rename_prefix(&mut self, from: &str, to: &str) {
         for name in &mut self.names {
             if let Some(rest) = name.strip_prefix(from) {
                 *name = format!("{to}{rest}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(text: &str, strip_host_labels: bool) -> String {
+        let parsed = parse_blocks(text, &Limits::default(), strip_host_labels).expect("parsed");
+        assert!(parsed.dropped.is_empty(), "{:?}", parsed.dropped);
+        let mut out = String::new();
+        for family in &parsed.families {
+            family.samples.write_lines(r#"h="1""#, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn lines_as_written_or_as_an_encoder_writes_them() {
+        let text = r#"x{a="1",b="q\""} 7
+x{ a = "2" , b="" , } 007
+x{a="3",sandbox_id="forged"} -0
+x{} 1e3
+y 0x10p0
+"#;
+        assert_eq!(
+            written(text, true),
+            r#"x{a="1",b="q\"",h="1"} 7
+x{a="2",b="",h="1"} 7
+x{a="3",h="1"} -0
+x{h="1"} 1000
+y{h="1"} 16
+"#
+        );
+        assert!(written(text, false).contains(r#"x{a="3",sandbox_id="forged",h="1"} -0"#));
     }
 }
 

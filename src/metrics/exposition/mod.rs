@@ -119,13 +119,37 @@ pub(crate) struct LabelRef<'t> {
 pub(crate) struct SampleRef<'t, 'l> {
     pub(crate) name: &'t str,
     pub(crate) labels: &'l [LabelRef<'t>],
+    /// The label set as written, braces included (empty without one).
+    pub(crate) label_text: &'t str,
     pub(crate) value: f64,
+    /// The value as written.
+    pub(crate) value_text: &'t str,
     pub(crate) timestamp_ms: Option<i64>,
 }
 
 impl<'t> SampleRef<'t, '_> {
     pub(crate) fn label(&self, name: &str) -> Option<&LabelRef<'t>> {
         self.labels.iter().find(|l| l.name == name)
+    }
+
+    /// The label set as written when it is written as an encoder writes it (`{a="b",c="d"}`, no
+    /// blanks), so it can be copied or hashed whole; `None` without labels or with blanks.
+    pub(crate) fn compact_label_text(&self) -> Option<&'t str> {
+        let encoded: usize = self
+            .labels
+            .iter()
+            .map(|l| l.name.len() + l.escaped.len() + 4)
+            .sum();
+        (!self.labels.is_empty() && self.label_text.len() == encoded + 1).then_some(self.label_text)
+    }
+
+    /// The value as written when it is an integer written as [`write_value`] writes it.
+    pub(crate) fn plain_integer_text(&self) -> Option<&'t str> {
+        let digits = self.value_text.strip_prefix('-').unwrap_or(self.value_text);
+        let plain = (1..=15).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && (!digits.starts_with('0') || self.value_text == "0");
+        plain.then_some(self.value_text)
     }
 }
 
@@ -139,6 +163,8 @@ pub(crate) trait SampleSink {
     fn names(&self) -> impl Iterator<Item = &str>;
     /// Replaces the name prefix `from` with `to` on every sample that has it.
     fn rename_prefix(&mut self, from: &str, to: &str);
+    /// The family is complete and kept.
+    fn done(&mut self) {}
 }
 
 impl SampleSink for Vec<Sample> {

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use super::float::parse_float;
 use super::series::{series_text, SeriesIndex};
-use super::syntax::{clip, is_metric_name, parse_sample, split_name, split_token, unescape_help};
+use super::syntax::{
+    clip, is_metric_name, parse_sample, skip_blanks, split_metric_name, split_token, unescape_help,
+};
 use super::{
     Dropped, Exposition, ExpositionError, Family, LabelRef, Limits, MetricType, SampleRef,
     SampleSink,
@@ -95,7 +97,7 @@ impl<'t, 'l, S: SampleSink> Parser<'t, 'l, S> {
     }
 
     fn line(&mut self, n: usize, line: &'t str) -> Result<(), ExpositionError> {
-        let line = line.trim_start_matches([' ', '\t']);
+        let line = skip_blanks(line);
         if line.is_empty() {
             return Ok(());
         }
@@ -115,12 +117,12 @@ impl<'t, 'l, S: SampleSink> Parser<'t, 'l, S> {
 
     /// `# HELP`/`# TYPE` lines; any other comment is ignored.
     fn comment(&mut self, n: usize, comment: &str) {
-        let comment = comment.trim_start_matches([' ', '\t']);
+        let comment = skip_blanks(comment);
         let (keyword, rest) = split_token(comment);
         if keyword != "HELP" && keyword != "TYPE" {
             return;
         }
-        let (name, rest) = split_token(rest.trim_start_matches([' ', '\t']));
+        let (name, rest) = split_token(skip_blanks(rest));
         if !is_metric_name(name) {
             self.stray(n, name, format!("invalid metric name in # {keyword} line"));
             return;
@@ -141,7 +143,7 @@ impl<'t, 'l, S: SampleSink> Parser<'t, 'l, S> {
             );
             return;
         }
-        let rest = rest.trim_start_matches([' ', '\t']);
+        let rest = skip_blanks(rest);
         let problem = if keyword == "HELP" {
             set_help(builder, n, rest)
         } else {
@@ -153,11 +155,13 @@ impl<'t, 'l, S: SampleSink> Parser<'t, 'l, S> {
     }
 
     fn sample(&mut self, n: usize, line: &'t str) {
-        let (name, rest) = split_name(line);
-        if !is_metric_name(name) {
-            self.stray(n, name, "invalid metric name".to_string());
-            return;
-        }
+        let (name, rest) = match split_metric_name(line) {
+            Ok(split) => split,
+            Err(token) => {
+                self.stray(n, token, "invalid metric name".to_string());
+                return;
+            }
+        };
         let owned = matches!(&self.current, Some(b) if b.kind().owns(&b.name, name));
         if !owned {
             // A sample outside any declared family forms its own untyped family.
@@ -170,21 +174,13 @@ impl<'t, 'l, S: SampleSink> Parser<'t, 'l, S> {
         if builder.error.is_some() {
             return;
         }
-        let problem = parse_sample(name, rest, self.limits, &mut self.labels).and_then(
-            |(value, timestamp_ms)| {
-                let sample = SampleRef {
-                    name,
-                    labels: &self.labels,
-                    value,
-                    timestamp_ms,
-                };
-                check_sample(builder, &sample)?;
-                if !self.series.is_new(&sample, (name, rest)) {
-                    return Err(format!("duplicate series {}", series_text(&sample)));
-                }
-                builder.samples.push(&sample)
-            },
-        );
+        let problem = parse_sample(name, rest, self.limits, &mut self.labels).and_then(|sample| {
+            check_sample(builder, &sample)?;
+            if !self.series.is_new(&sample, (name, rest)) {
+                return Err(format!("duplicate series {}", series_text(&sample)));
+            }
+            builder.samples.push(&sample)
+        });
         if let Err(why) = problem {
             fail(builder, self.new_sink, format!("line {n}: {why}"));
         }
@@ -251,12 +247,16 @@ impl<'t, 'l, S: SampleSink> Parser<'t, 'l, S> {
                 family: b.name,
                 reason,
             }),
-            None => Slot::Kept(Family {
-                name: b.name,
-                help: b.help.unwrap_or_default(),
-                kind,
-                samples: b.samples,
-            }),
+            None => {
+                let mut samples = b.samples;
+                samples.done();
+                Slot::Kept(Family {
+                    name: b.name,
+                    help: b.help.unwrap_or_default(),
+                    kind,
+                    samples,
+                })
+            }
         };
         self.slots.push(slot);
     }

@@ -19,26 +19,32 @@ fn same_series(a: &SampleRef<'_, '_>, b: &SampleRef<'_, '_>) -> bool {
             .all(|l| b.label(l.name).is_some_and(|m| m.escaped == l.escaped))
 }
 
-/// Series hash over the name and the labels in name order (so label order does not matter).
-/// Keyed (`RandomState`) so guest text cannot force collisions.
+/// Series hash over the name and the label set as an encoder writes it with its labels in name
+/// order (so label order and blanks do not matter). Keyed (`RandomState`) so guest text cannot
+/// force collisions.
 fn series_hash(hasher: &RandomState, s: &SampleRef<'_, '_>) -> u64 {
     let mut h = hasher.build_hasher();
-    // 0xff never occurs in UTF-8, so it separates fields unambiguously.
     h.write(s.name.as_bytes());
-    h.write_u8(0xff);
-    let mut pair = |l: &LabelRef<'_>| {
-        h.write(l.name.as_bytes());
-        h.write_u8(0xff);
-        h.write(l.escaped.as_bytes());
-        h.write_u8(0xff);
-    };
-    if s.labels.windows(2).all(|w| w[0].name <= w[1].name) {
-        s.labels.iter().for_each(&mut pair);
-    } else {
-        // Rare (labels are usually written sorted): sort references, not the labels.
-        let mut sorted: Vec<&LabelRef<'_>> = s.labels.iter().collect();
-        sorted.sort_unstable_by(|a, b| a.name.cmp(b.name));
-        sorted.into_iter().for_each(pair);
+    let sorted = s.labels.windows(2).all(|w| w[0].name <= w[1].name);
+    match s.compact_label_text() {
+        // The common case: the text is already that form.
+        Some(text) if sorted => h.write(text.as_bytes()),
+        _ => {
+            let mut labels: Vec<&LabelRef<'_>> = s.labels.iter().collect();
+            labels.sort_unstable_by(|a, b| a.name.cmp(b.name));
+            let mut text = String::new();
+            for (i, label) in labels.iter().enumerate() {
+                text.push(if i == 0 { '{' } else { ',' });
+                text.push_str(label.name);
+                text.push_str("=\"");
+                text.push_str(label.escaped);
+                text.push('"');
+            }
+            if !labels.is_empty() {
+                text.push('}');
+            }
+            h.write(text.as_bytes());
+        }
     }
     h.finish()
 }
@@ -106,16 +112,8 @@ impl<'t> SeriesIndex<'t> {
                 max_labels_per_sample: usize::MAX,
                 ..Limits::default()
             };
-            if let Ok((value, timestamp_ms)) = parse_sample(name, rest, &limits, &mut labels) {
-                let earlier = SampleRef {
-                    name,
-                    labels: &labels,
-                    value,
-                    timestamp_ms,
-                };
-                if same_series(&earlier, s) {
-                    return false;
-                }
+            if parse_sample(name, rest, &limits, &mut labels).is_ok_and(|e| same_series(&e, s)) {
+                return false;
             }
         }
         self.collided.push((hash, written));
@@ -149,14 +147,8 @@ mod tests {
     fn is_new<'t>(index: &mut SeriesIndex<'t>, line: &'t str) -> bool {
         let (name, rest) = split_name(line);
         let mut labels = Vec::new();
-        let (value, timestamp_ms) =
+        let sample =
             parse_sample(name, rest, &Limits::default(), &mut labels).expect("a valid line");
-        let sample = SampleRef {
-            name,
-            labels: &labels,
-            value,
-            timestamp_ms,
-        };
         index.is_new(&sample, (name, rest))
     }
 
@@ -166,6 +158,8 @@ mod tests {
         assert!(is_new(&mut index, r#"x{a="1",b="2"} 1"#));
         assert!(!is_new(&mut index, r#"x{b="2",a="1"} 2"#));
         assert!(is_new(&mut index, r#"x{a="1",b="3"} 3"#));
+        assert!(!is_new(&mut index, r#"x{ a = "1", b="3" , } 4"#));
+        assert!(!is_new(&mut index, r#"x{b="3",a="1"} 5"#));
         assert!(is_new(&mut index, r#"x{a="1\n",b="3"} 3"#));
         assert!(!is_new(&mut index, r#"x{b="3",a="1\n"} 3"#));
     }
@@ -182,7 +176,9 @@ mod tests {
         let other = SampleRef {
             name: "x",
             labels: &labels,
+            label_text: r#"{a="2"}"#,
             value: 2.0,
+            value_text: "2",
             timestamp_ms: None,
         };
         let collided = series_hash(&index.hasher, &other);

@@ -5,28 +5,29 @@
 use std::borrow::Cow;
 
 use super::float::parse_float;
-use super::{LabelRef, Limits};
+use super::{LabelRef, Limits, SampleRef};
 
 /// Reads what follows the metric name: `{labels}` into `labels` (cleared first), then the value
 /// and the optional timestamp.
-pub(super) fn parse_sample<'t>(
-    name: &str,
+pub(super) fn parse_sample<'t, 'l>(
+    name: &'t str,
     rest: &'t str,
     limits: &Limits,
-    labels: &mut Vec<LabelRef<'t>>,
-) -> Result<(f64, Option<i64>), String> {
+    labels: &'l mut Vec<LabelRef<'t>>,
+) -> Result<SampleRef<'t, 'l>, String> {
     labels.clear();
     if name.len() > limits.max_name_bytes {
         return Err("metric name longer than limit".to_string());
     }
-    let rest = match rest.strip_prefix('{') {
+    let after_labels = match rest.strip_prefix('{') {
         Some(inside) => parse_labels(inside, limits, labels)?,
         None => rest,
     };
-    let rest = rest.trim_start_matches([' ', '\t']);
-    let (value, rest) = split_token(rest);
-    let value = parse_float(value).ok_or_else(|| format!("invalid value {:?}", clip(value, 32)))?;
-    let (ts, rest) = split_token(rest.trim_start_matches([' ', '\t']));
+    let label_text = &rest[..rest.len() - after_labels.len()];
+    let (value_text, rest) = split_token(skip_blanks(after_labels));
+    let value = parse_float(value_text)
+        .ok_or_else(|| format!("invalid value {:?}", clip(value_text, 32)))?;
+    let (ts, rest) = split_token(skip_blanks(rest));
     let timestamp_ms = if ts.is_empty() {
         None
     } else {
@@ -35,10 +36,26 @@ pub(super) fn parse_sample<'t>(
                 .map_err(|_| format!("invalid timestamp {:?}", clip(ts, 32)))?,
         )
     };
-    if !rest.trim_matches([' ', '\t']).is_empty() {
+    if !skip_blanks(rest).is_empty() {
         return Err("unexpected text after the timestamp".to_string());
     }
-    Ok((value, timestamp_ms))
+    Ok(SampleRef {
+        name,
+        labels,
+        label_text,
+        value,
+        value_text,
+        timestamp_ms,
+    })
+}
+
+/// `s` without its leading spaces and tabs.
+pub(super) fn skip_blanks(s: &str) -> &str {
+    let start = s
+        .bytes()
+        .position(|b| b != b' ' && b != b'\t')
+        .unwrap_or(s.len());
+    &s[start..]
 }
 
 /// The labels of an encoded label set, `{a="b",...}` or nothing (for text this module's readers
@@ -58,7 +75,7 @@ fn parse_labels<'t>(
     labels: &mut Vec<LabelRef<'t>>,
 ) -> Result<&'t str, String> {
     loop {
-        s = s.trim_start_matches([' ', '\t']);
+        s = skip_blanks(s);
         if let Some(after) = s.strip_prefix('}') {
             return Ok(after);
         }
@@ -71,12 +88,10 @@ fn parse_labels<'t>(
             .unwrap_or(s.len());
         let (name, after) = s.split_at(end);
         check_label_name(name, limits, labels)?;
-        let after = after.trim_start_matches([' ', '\t']);
-        let after = after
+        let after = skip_blanks(after)
             .strip_prefix('=')
-            .ok_or_else(|| format!("label {name} lacks '='"))?
-            .trim_start_matches([' ', '\t']);
-        let after = after
+            .ok_or_else(|| format!("label {name} lacks '='"))?;
+        let after = skip_blanks(after)
             .strip_prefix('"')
             .ok_or_else(|| format!("label {name} value is not quoted"))?;
         let (escaped, length, after) = parse_label_value(after)?;
@@ -87,7 +102,7 @@ fn parse_labels<'t>(
             return Err(format!("more than {} labels", limits.max_labels_per_sample));
         }
         labels.push(LabelRef { name, escaped });
-        s = after.trim_start_matches([' ', '\t']);
+        s = skip_blanks(after);
         if let Some(next) = s.strip_prefix(',') {
             s = next;
         } else if !s.starts_with('}') {
@@ -194,14 +209,49 @@ pub(super) fn unescape_help(text: &str) -> Result<String, String> {
 
 /// Splits at the first space or tab.
 pub(super) fn split_token(s: &str) -> (&str, &str) {
-    let end = s.find([' ', '\t']).unwrap_or(s.len());
+    let end = s
+        .bytes()
+        .position(|b| b == b' ' || b == b'\t')
+        .unwrap_or(s.len());
     s.split_at(end)
 }
 
 /// Splits a sample line after its metric name.
 pub(super) fn split_name(s: &str) -> (&str, &str) {
-    let end = s.find(['{', ' ', '\t']).unwrap_or(s.len());
+    let end = s
+        .bytes()
+        .position(|b| b == b'{' || b == b' ' || b == b'\t')
+        .unwrap_or(s.len());
     s.split_at(end)
+}
+
+/// The bytes that may continue a metric name: `[a-zA-Z0-9_:]`.
+const NAME_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let byte = b as u8;
+        table[b] = byte.is_ascii_alphanumeric() || byte == b'_' || byte == b':';
+        b += 1;
+    }
+    table
+};
+
+/// Splits a sample line after its metric name, checking the name in the same pass: the name and
+/// the rest, or (`Err`) the token that stands where a valid name should.
+pub(super) fn split_metric_name(s: &str) -> Result<(&str, &str), &str> {
+    let bytes = s.as_bytes();
+    let end = bytes
+        .iter()
+        .position(|&b| !NAME_BYTE[usize::from(b)])
+        .unwrap_or(bytes.len());
+    let ends_well = matches!(bytes.get(end), None | Some(b'{' | b' ' | b'\t'));
+    let starts_well = bytes.first().is_some_and(|b| !b.is_ascii_digit());
+    if end > 0 && ends_well && starts_well {
+        Ok(s.split_at(end))
+    } else {
+        Err(split_name(s).0)
+    }
 }
 
 /// `[a-zA-Z_:][a-zA-Z0-9_:]*`
