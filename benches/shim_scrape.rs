@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kata_shim_metrics::agent_client::{AgentClient, AgentTimeouts};
+use kata_shim_metrics::bench_support::{shim_compose, AgentRender};
 use kata_shim_metrics::mgmt::client::{get, GetOptions, DEFAULT_MAX_BODY};
 use kata_shim_metrics::mgmt::paths::SocketAddress;
+use kata_shim_metrics::protocols::agent::GetMetricsRequest;
 use kata_shim_metrics::shim::metrics::registry::{
     register_hypervisor, register_shim_collectors, REGISTRY,
 };
@@ -151,6 +154,39 @@ async fn main() {
     }
     report("HTTP round trip alone (/agent-url)", times);
 
+    // The GetMetrics round trip alone, over the same kind of socket, as the shim makes it.
+    let agent = AgentClient::new(
+        agent_url.parse().expect("agent url"),
+        AgentTimeouts::default(),
+    );
+    let mut times = Vec::with_capacity(SCRAPES);
+    let mut agent_text = String::new();
+    for _ in 0..SCRAPES {
+        let started = Instant::now();
+        let reply = agent
+            .get_metrics(GetMetricsRequest::new())
+            .await
+            .expect("GetMetrics");
+        times.push(started.elapsed());
+        agent_text = reply.metrics;
+    }
+    report(
+        "GetMetrics round trip (ttrpc client to a live agent)",
+        times,
+    );
+    println!("agent text: {} bytes", agent_text.len());
+
+    // What the agent does per call without the transport, in this process.
+    let agent_render = AgentRender::new().expect("agent registry");
+    let mut times = Vec::with_capacity(SCRAPES);
+    for _ in 0..SCRAPES {
+        let started = Instant::now();
+        let text = agent_render.render().expect("agent render");
+        times.push(started.elapsed());
+        assert!(!text.is_empty());
+    }
+    report("agent's own time per GetMetrics (in process)", times);
+
     register_shim_collectors().expect("shim collectors");
     register_hypervisor(hypervisor.0.id() as i32).expect("hypervisor collector");
     let mut times = Vec::with_capacity(SCRAPES);
@@ -168,4 +204,16 @@ async fn main() {
         times,
     );
     println!("host registry text: {} bytes", out.len());
+
+    let mut times = Vec::with_capacity(SCRAPES);
+    for _ in 0..SCRAPES {
+        let started = Instant::now();
+        let body = shim_compose(&agent_text);
+        times.push(started.elapsed());
+        assert!(body.len() > agent_text.len());
+    }
+    report(
+        "shim's whole part with the agent's text in hand (check + host registry + encode, in process)",
+        times,
+    );
 }

@@ -19,6 +19,9 @@ pub mod agent;
 pub mod agent_client;
 #[cfg(feature = "host")]
 #[doc(hidden)]
+pub mod bench_support;
+#[cfg(feature = "host")]
+#[doc(hidden)]
 pub mod fuzzing;
 pub mod guest;
 pub mod logging;

@@ -51,69 +51,70 @@ impl ShimScraper {
                 None
             }
         };
+        compose(agent_text.as_deref(), &self.limits)
+    }
+}
 
-        // Parse before gathering, so the up gauge and drop counter describe this very scrape.
-        let mut agent_families = Vec::new();
-        if let Some(text) = agent_text {
-            match exposition::parse(&text, &self.limits) {
-                Ok(parsed) => {
-                    let (kept, dropped) = agent_families_from(
-                        parsed.families,
-                        parsed.dropped,
-                        self.limits.max_name_bytes,
-                    );
-                    note_dropped(&dropped);
-                    // A live agent always reports something: nothing usable means its text was garbage.
-                    if kept.is_empty() {
-                        AGENT_METRICS_ERRORS
-                            .with_label_values(&["invalid_text"])
-                            .inc();
-                        AGENT_METRICS_UP.set(0);
-                    } else {
-                        AGENT_METRICS_UP.set(1);
-                    }
-                    agent_families = kept;
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "agent metrics text refused");
+/// The body from the agent's text (`None`: the agent did not answer) and the host registry.
+pub(crate) fn compose(agent_text: Option<&str>, limits: &Limits) -> String {
+    // Parse before gathering, so the up gauge and drop counter describe this very scrape.
+    let mut agent_families = Vec::new();
+    if let Some(text) = agent_text {
+        match exposition::parse(text, limits) {
+            Ok(parsed) => {
+                let (kept, dropped) =
+                    agent_families_from(parsed.families, parsed.dropped, limits.max_name_bytes);
+                note_dropped(&dropped);
+                // A live agent always reports something: nothing usable means its text was garbage.
+                if kept.is_empty() {
                     AGENT_METRICS_ERRORS
-                        .with_label_values(&[refusal_reason(&err)])
+                        .with_label_values(&["invalid_text"])
                         .inc();
                     AGENT_METRICS_UP.set(0);
+                } else {
+                    AGENT_METRICS_UP.set(1);
                 }
+                agent_families = kept;
             }
-        } else {
-            AGENT_METRICS_UP.set(0);
+            Err(err) => {
+                tracing::warn!(error = %err, "agent metrics text refused");
+                AGENT_METRICS_ERRORS
+                    .with_label_values(&[refusal_reason(&err)])
+                    .inc();
+                AGENT_METRICS_UP.set(0);
+            }
         }
-
-        POD_OVERHEAD.update(
-            GuestUsage::from_families(&agent_families),
-            &registry::host_pids(),
-        );
-        let host = REGISTRY.gather();
-        let host_names: HashSet<&str> = host.iter().map(|mf| mf.name()).collect();
-        let (agent_families, collisions): (Vec<Family>, Vec<Family>) = agent_families
-            .into_iter()
-            .partition(|family| !host_names.contains(family.name.as_str()));
-        if !collisions.is_empty() {
-            let dropped: Vec<Dropped> = collisions
-                .into_iter()
-                .map(|family| Dropped {
-                    reason: format!("family {} repeats a host family", family.name),
-                    family: family.name,
-                })
-                .collect();
-            note_dropped(&dropped);
-        }
-
-        let mut body = Vec::with_capacity(64 * 1024);
-        if let Err(err) = TextEncoder::new().encode(&host, &mut body) {
-            tracing::error!(error = %err, "encoding the shim's own metrics");
-        }
-        let mut out = String::from_utf8(body).unwrap_or_default();
-        exposition::encode(&agent_families, &mut out);
-        out
+    } else {
+        AGENT_METRICS_UP.set(0);
     }
+
+    POD_OVERHEAD.update(
+        GuestUsage::from_families(&agent_families),
+        &registry::host_pids(),
+    );
+    let host = REGISTRY.gather();
+    let host_names: HashSet<&str> = host.iter().map(|mf| mf.name()).collect();
+    let (agent_families, collisions): (Vec<Family>, Vec<Family>) = agent_families
+        .into_iter()
+        .partition(|family| !host_names.contains(family.name.as_str()));
+    if !collisions.is_empty() {
+        let dropped: Vec<Dropped> = collisions
+            .into_iter()
+            .map(|family| Dropped {
+                reason: format!("family {} repeats a host family", family.name),
+                family: family.name,
+            })
+            .collect();
+        note_dropped(&dropped);
+    }
+
+    let mut body = Vec::with_capacity(64 * 1024);
+    if let Err(err) = TextEncoder::new().encode(&host, &mut body) {
+        tracing::error!(error = %err, "encoding the shim's own metrics");
+    }
+    let mut out = String::from_utf8(body).unwrap_or_default();
+    exposition::encode(&agent_families, &mut out);
+    out
 }
 
 #[async_trait::async_trait]
