@@ -6,6 +6,7 @@ use std::sync::LazyLock;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::metrics::exposition::block::{encode_blocks, parse_blocks};
 use crate::metrics::exposition::{
     self, encode, Exposition, ExpositionError, Family, Limits, HOST_LABELS,
 };
@@ -83,6 +84,7 @@ fn agent_text_with(text: &str, limits: &Limits) {
     // What the shim writes, kata-monitor reads under its own limits: nothing may be lost there.
     let mut body = String::new();
     encode(&kept, &mut body);
+    same_body_from_blocks(text, limits, &kept);
     let back = parse_ok(&body, &MONITOR_LIMITS);
     assert!(
         back.dropped.is_empty(),
@@ -90,6 +92,28 @@ fn agent_text_with(text: &str, limits: &Limits) {
         back.dropped
     );
     assert_same(&kept, &back.families, &body);
+}
+
+/// The shim keeps the agent's families as lines ([`parse_blocks`]): its body must be what encoding
+/// the owned families gives, sample timestamps aside (lines do not keep them).
+fn same_body_from_blocks(text: &str, limits: &Limits, kept: &[Family]) {
+    let Ok(parsed) = parse_blocks(text, limits, false) else {
+        panic!("the lines parser refused what the owned one took");
+    };
+    let (blocks, _) = agent_families_from(
+        parsed.families,
+        parsed.dropped,
+        MONITOR_LIMITS.max_name_bytes,
+    );
+    let mut from_blocks = String::new();
+    encode_blocks(&blocks, &mut from_blocks);
+    let mut untimed = kept.to_vec();
+    for sample in untimed.iter_mut().flat_map(|f| f.samples.iter_mut()) {
+        sample.timestamp_ms = None;
+    }
+    let mut expected = String::new();
+    encode(&untimed, &mut expected);
+    assert_eq!(from_blocks, expected, "lines and owned samples disagree");
 }
 
 /// Parses `text` and checks the limits and the round trip; `None` when the text is refused.

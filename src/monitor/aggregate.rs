@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::block::{BlockLines, FamilyBlock};
+use crate::metrics::exposition::block::{BlockLines, FamilyBlock};
 use crate::metrics::exposition::{escape_label_value, Family, Limits, MetricType};
 
 /// Shim families renamed on the way through (the shim serves its own `process_*` unprefixed).
@@ -150,9 +150,9 @@ pub(crate) fn host_labels(sandbox_id: &str, pod: &[(&str, &str); 3]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::exposition::block::test_support::{block_of, blocks_of};
     use crate::metrics::exposition::test_support::{family, sample};
     use crate::metrics::exposition::write_value;
-    use crate::monitor::block::test_support::{block_of, blocks_of};
 
     #[test]
     fn host_labels_are_appended_and_replace_any_the_shim_set() {

@@ -9,7 +9,6 @@
 //! - [`http`]: the endpoints, and [`listener`]: which connections get served.
 
 pub(crate) mod aggregate;
-pub(crate) mod block;
 pub mod config;
 pub(crate) mod cri;
 pub(crate) mod discovery;
@@ -28,13 +27,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use self::aggregate::{host_labels, merge};
-use self::block::{parse_blocks, FamilyBlock};
 use self::config::{Config, MAX_SCRAPE_DEADLINE};
 use self::metrics::MonitorMetrics;
 use self::render::{ChunkSink, FamilyFilter, Format};
 use self::sandboxes::{PodLabels, Sandbox, Sandboxes};
 use self::scrape::{Endpoint, ScrapeError, Scraper};
 use crate::metrics::exposition;
+use crate::metrics::exposition::block::{parse_blocks, FamilyBlock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {

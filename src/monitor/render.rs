@@ -225,9 +225,9 @@ fn write_header(name: &str, help: &str, kind: MetricType, format: Format, out: &
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::exposition::block::test_support::block_of;
     use crate::metrics::exposition::{Family, Sample};
     use crate::monitor::aggregate::merge;
-    use crate::monitor::block::test_support::block_of;
 
     fn render(format: Format, gzip: bool) -> Vec<u8> {
         let family = Family {

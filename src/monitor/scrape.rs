@@ -11,9 +11,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::aggregate::{cadvisor_body, shim_body, ShimBody, CADVISOR_PREFIX};
-use super::block::parse_blocks;
 use super::cri::CriPods;
 use super::sandboxes::{PodLabels, Sandbox};
+use crate::metrics::exposition::block::parse_blocks;
 use crate::metrics::exposition::{ExpositionError, Limits};
 use crate::mgmt::client::{self, ClientError, GetOptions};
 use crate::mgmt::PodIdentity;

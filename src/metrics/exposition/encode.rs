@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::Family;
+use super::{Family, MetricType};
 
 /// Appends families in text format 0.0.4 (HELP only when there is help text).
 pub(crate) fn encode(families: &[Family], out: &mut String) {
@@ -12,19 +12,24 @@ pub(crate) fn encode(families: &[Family], out: &mut String) {
     }
 }
 
-fn encode_family(family: &Family, out: &mut String) {
-    if !family.help.is_empty() {
+/// `# HELP` (when there is help text) and `# TYPE` lines.
+pub(super) fn write_header(name: &str, help: &str, kind: MetricType, out: &mut String) {
+    if !help.is_empty() {
         out.push_str("# HELP ");
-        out.push_str(&family.name);
+        out.push_str(name);
         out.push(' ');
-        escape_into(&family.help, false, out);
+        escape_into(help, false, out);
         out.push('\n');
     }
     out.push_str("# TYPE ");
-    out.push_str(&family.name);
+    out.push_str(name);
     out.push(' ');
-    out.push_str(family.kind.as_str());
+    out.push_str(kind.as_str());
     out.push('\n');
+}
+
+fn encode_family(family: &Family, out: &mut String) {
+    write_header(&family.name, &family.help, family.kind, out);
     for sample in &family.samples {
         out.push_str(&sample.name);
         write_labels(&sample.labels, out);

@@ -7,6 +7,7 @@
 //! (`syntax` reads one line, `float` its value, `series` finds repeated series); `encode` writes
 //! families back.
 
+pub(crate) mod block;
 mod encode;
 mod float;
 mod parse;
@@ -19,7 +20,6 @@ pub(crate) mod test_support;
 
 pub(crate) use encode::{encode, escape_label_value, write_value};
 pub(crate) use parse::{parse, parse_with};
-pub(crate) use syntax::labels_of;
 
 /// Labels only the host may set: kata-monitor appends them to every sandbox series, so neither a
 /// guest nor a shim may fill them.
@@ -165,6 +165,8 @@ pub(crate) trait SampleSink {
     fn rename_prefix(&mut self, from: &str, to: &str);
     /// The family is complete and kept.
     fn done(&mut self) {}
+    /// The first of [`HOST_LABELS`] that a sample carries, if any does.
+    fn host_label(&self) -> Option<&'static str>;
 }
 
 impl SampleSink for Vec<Sample> {
@@ -187,6 +189,12 @@ impl SampleSink for Vec<Sample> {
                 sample.name = format!("{to}{rest}");
             }
         }
+    }
+
+    fn host_label(&self) -> Option<&'static str> {
+        HOST_LABELS
+            .into_iter()
+            .find(|host| self.iter().any(|s| s.label(host).is_some()))
     }
 }
 
@@ -269,12 +277,6 @@ impl<S: SampleSink> Family<S> {
     }
 }
 
-impl Family {
-    pub(crate) fn has_label(&self, name: &str) -> bool {
-        self.samples.iter().any(|s| s.label(name).is_some())
-    }
-}
-
 /// Equality that treats NaN as equal to NaN (PartialEq on f64 does not): the round-trip check of
 /// the exposition tests and of the fuzz targets.
 pub(crate) fn same_families(a: &[Family], b: &[Family]) -> bool {
@@ -313,9 +315,11 @@ mod tests {
         assert!(f.rename_prefix("go_", "kata_agent_go_"));
         assert_eq!(f.name, "kata_agent_go_gc_seconds");
         assert_eq!(f.samples[1].name, "kata_agent_go_gc_seconds_sum");
-        assert!(!f.has_label("sandbox_id"));
-        assert!(
-            f.has_label("quantile"),
+        assert_eq!(f.samples.host_label(), None);
+        f.samples[1].labels.push(("cri_uid".into(), "u".into()));
+        assert_eq!(
+            f.samples.host_label(),
+            Some("cri_uid"),
             "one sample with the label is enough"
         );
         assert_eq!(f.samples[1].label("quantile"), None);

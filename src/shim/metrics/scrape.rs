@@ -14,7 +14,8 @@ use super::registry::{
     self, AGENT_FAMILIES_DROPPED, AGENT_METRICS_ERRORS, AGENT_METRICS_UP, POD_OVERHEAD, REGISTRY,
 };
 use crate::agent_client::AgentClient;
-use crate::metrics::exposition::{self, Dropped, ExpositionError, Family, Limits, HOST_LABELS};
+use crate::metrics::exposition::block::{encode_blocks, parse_blocks, FamilyBlock};
+use crate::metrics::exposition::{self, Dropped, ExpositionError, Family, Limits, SampleSink};
 use crate::mgmt::server::MetricsSource;
 use crate::protocols::agent::GetMetricsRequest;
 
@@ -60,7 +61,8 @@ pub(crate) fn compose(agent_text: Option<&str>, limits: &Limits) -> String {
     // Parse before gathering, so the up gauge and drop counter describe this very scrape.
     let mut agent_families = Vec::new();
     if let Some(text) = agent_text {
-        match exposition::parse(text, limits) {
+        // Kept as lines of text: no allocation per sample between the agent's text and ours.
+        match parse_blocks(text, limits, false) {
             Ok(parsed) => {
                 let (kept, dropped) =
                     agent_families_from(parsed.families, parsed.dropped, limits.max_name_bytes);
@@ -88,13 +90,10 @@ pub(crate) fn compose(agent_text: Option<&str>, limits: &Limits) -> String {
         AGENT_METRICS_UP.set(0);
     }
 
-    POD_OVERHEAD.update(
-        GuestUsage::from_families(&agent_families),
-        &registry::host_pids(),
-    );
+    POD_OVERHEAD.update(guest_usage(&agent_families), &registry::host_pids());
     let host = REGISTRY.gather();
     let host_names: HashSet<&str> = host.iter().map(|mf| mf.name()).collect();
-    let (agent_families, collisions): (Vec<Family>, Vec<Family>) = agent_families
+    let (agent_families, collisions): (Vec<FamilyBlock>, Vec<FamilyBlock>) = agent_families
         .into_iter()
         .partition(|family| !host_names.contains(family.name.as_str()));
     if !collisions.is_empty() {
@@ -113,8 +112,22 @@ pub(crate) fn compose(agent_text: Option<&str>, limits: &Limits) -> String {
         tracing::error!(error = %err, "encoding the shim's own metrics");
     }
     let mut out = String::from_utf8(body).unwrap_or_default();
-    exposition::encode(&agent_families, &mut out);
+    encode_blocks(&agent_families, &mut out);
     out
+}
+
+/// The guest's CPU and memory for the pod overhead, read back from the two agent families that
+/// hold them.
+fn guest_usage(agent_families: &[FamilyBlock]) -> Option<GuestUsage> {
+    let mut text = String::new();
+    for family in agent_families
+        .iter()
+        .filter(|f| f.name == "kata_guest_cpu_time" || f.name == "kata_guest_meminfo")
+    {
+        family.samples.write_lines("", &mut text);
+    }
+    let parsed = exposition::parse(&text, &Limits::default()).ok()?;
+    GuestUsage::from_families(&parsed.families)
 }
 
 #[async_trait::async_trait]
@@ -126,11 +139,11 @@ impl MetricsSource for ShimScraper {
 
 /// Keeps the agent families the host accepts (renamed where needed) and lists the refused ones.
 /// `max_name_bytes` bounds names after renaming too: kata-monitor would drop a longer one.
-pub(crate) fn agent_families_from(
-    families: Vec<Family>,
+pub(crate) fn agent_families_from<S: SampleSink>(
+    families: Vec<Family<S>>,
     mut dropped: Vec<Dropped>,
     max_name_bytes: usize,
-) -> (Vec<Family>, Vec<Dropped>) {
+) -> (Vec<Family<S>>, Vec<Dropped>) {
     let mut kept = Vec::with_capacity(families.len());
     let mut seen = HashSet::new();
     for mut family in families {
@@ -147,14 +160,12 @@ pub(crate) fn agent_families_from(
                 "family {} is outside the agent's namespaces (kata_agent_*, kata_guest_*)",
                 family.name
             ))
-        } else if family.samples.iter().any(|s| s.name.len() > max_name_bytes)
-            || family.name.len() > max_name_bytes
-        {
+        } else if family.name_longer_than(max_name_bytes) {
             Some(format!(
                 "family {} is longer than {max_name_bytes} bytes after renaming",
                 family.name
             ))
-        } else if let Some(label) = HOST_LABELS.iter().find(|label| family.has_label(label)) {
+        } else if let Some(label) = family.samples.host_label() {
             Some(format!(
                 "family {} sets the host-side label {label}",
                 family.name

@@ -1,19 +1,23 @@
-//! The compact form in which kata-monitor keeps one family of one sandbox until the answer is
-//! written: the parser's [`SampleSink`] that encodes each sample line at once, without the host
-//! labels, and remembers where in the line they go.
+//! Sample lines kept as encoded text: the parser's [`SampleSink`] that writes each sample line at
+//! once, without an allocation per sample, and remembers where in the line more labels can go.
 //!
-//! A node can hold hundreds of sandboxes with ~1000 series each. Keeping them as parsed samples, or
-//! as text with the four host labels already written into every line, would take several times
-//! the size of the shims' own bodies.
+//! kata-monitor keeps every sandbox's families this way until its answer is written: a node can
+//! hold hundreds of sandboxes with ~1000 series each, and keeping them as parsed samples, or as
+//! text with the four host labels already written into every line, would take several times the
+//! size of the shims' own bodies. The shim keeps the agent's families this way between parsing
+//! and writing its body.
 
 use std::collections::HashSet;
 
-use crate::metrics::exposition::{
-    labels_of, parse_with, write_value, Exposition, ExpositionError, Family, Limits, SampleRef,
-    SampleSink, HOST_LABELS,
+use super::encode::write_header;
+use super::syntax::labels_of;
+use super::{
+    parse_with, write_value, Exposition, ExpositionError, Family, Limits, SampleRef, SampleSink,
+    HOST_LABELS,
 };
 
-/// One family of one sandbox, ready to be written but for the host labels.
+/// A family whose lines are kept as text (for kata-monitor: one family of one sandbox, ready to
+/// be written but for the host labels).
 pub(crate) type FamilyBlock = Family<BlockLines>;
 
 /// The sample lines of one family.
@@ -23,6 +27,8 @@ pub(crate) struct BlockLines {
     strip_host_labels: bool,
     /// Whether a host label was left out: two series may have become one.
     stripped: bool,
+    /// The first host label a sample carried (kept or left out).
+    host_label: Option<&'static str>,
     /// The sample names (`x`, or `x_bucket`, `x_sum`, `x_count`), stored once: they are half of a
     /// typical body, and a family owns at most four.
     names: Vec<String>,
@@ -36,6 +42,15 @@ pub(crate) struct BlockLines {
 }
 
 const HAS_LABELS: u32 = 1 << 31;
+
+/// Writes the families in text format 0.0.4, as [`super::encode`] writes owned ones (sample
+/// timestamps are not kept in blocks).
+pub(crate) fn encode_blocks(families: &[FamilyBlock], out: &mut String) {
+    for family in families {
+        write_header(&family.name, &family.help, family.kind, out);
+        family.samples.write_lines("", out);
+    }
+}
 
 /// Parses exposition text straight into blocks (the strict parser, no per-sample allocation).
 pub(crate) fn parse_blocks(
@@ -62,6 +77,7 @@ impl BlockLines {
         BlockLines {
             strip_host_labels,
             stripped: false,
+            host_label: None,
             names: Vec::new(),
             name_of: Vec::new(),
             lines: String::new(),
@@ -167,8 +183,14 @@ impl SampleSink for BlockLines {
         };
         let index = u8::try_from(index).map_err(|_| "more than 256 sample names".to_string())?;
         let mut mark = 0;
-        let has_host_label =
-            self.strip_host_labels && sample.labels.iter().any(|l| HOST_LABELS.contains(&l.name));
+        let host_label = sample
+            .labels
+            .iter()
+            .find_map(|l| HOST_LABELS.iter().find(|host| **host == l.name));
+        if let Some(&host) = host_label {
+            self.host_label.get_or_insert(host);
+        }
+        let has_host_label = self.strip_host_labels && host_label.is_some();
         let labels = match sample.compact_label_text() {
             // The common case: copy the label set as written, without its closing brace.
             Some(text) if !has_host_label => {
@@ -225,6 +247,10 @@ impl SampleSink for BlockLines {
         self.inserts.shrink_to_fit();
         self.name_of.shrink_to_fit();
         self.names.shrink_to_fit();
+    }
+
+    fn host_label(&self) -> Option<&'static str> {
+        self.host_label
     }
 
     fn rename_prefix(&mut self, from: &str, to: &str) {
