@@ -4,11 +4,8 @@
 //! counts), `netdev_stat` in bytes or packets, `load` as the kernel's load averages, `tasks` as
 //! counts, `diskstat` as the kernel's counters (sectors, ms), `vm_stat` as `/proc/vmstat` reports it.
 
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
-
-use super::family::GaugeSpec;
-use super::process::netdev_family;
+use super::family::{GaugeFamily, GaugeSpec};
+use super::process::fill_netdev;
 
 pub(crate) struct GuestCollector {
     cpu_time: GaugeSpec,
@@ -18,12 +15,11 @@ pub(crate) struct GuestCollector {
     tasks: GaugeSpec,
     diskstat: GaugeSpec,
     vm_stat: GaugeSpec,
-    descs: Vec<Desc>,
 }
 
 impl GuestCollector {
     pub(crate) fn new() -> prometheus::Result<Self> {
-        let collector = GuestCollector {
+        Ok(GuestCollector {
             cpu_time: GaugeSpec::new(
                 "kata_guest_cpu_time",
                 "Guest CPU stat (clock ticks).",
@@ -51,76 +47,49 @@ impl GuestCollector {
                 "Guest virtual memory stat.",
                 &["item"],
             )?,
-            descs: Vec::new(),
-        };
-        let descs = collector.specs().iter().map(|s| s.desc.clone()).collect();
-        Ok(GuestCollector { descs, ..collector })
+        })
     }
 
-    fn specs(&self) -> [&GaugeSpec; 7] {
-        [
-            &self.cpu_time,
-            &self.meminfo,
-            &self.netdev,
-            &self.load,
-            &self.tasks,
-            &self.diskstat,
-            &self.vm_stat,
-        ]
-    }
-}
-
-impl Collector for GuestCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let mut out = Vec::with_capacity(7);
-        // Each source is optional: one unreadable file must not empty the whole scrape.
-        let mut push = |what: &str, family: Result<MetricFamily, String>| match family {
-            Ok(family) => out.push(family),
-            Err(err) => tracing::warn!(source = what, error = %err, "guest statistics unavailable"),
-        };
-        push(
-            "/proc/stat",
-            read("/proc/stat").map(|text| cpu_time_family(&self.cpu_time, &text)),
-        );
-        push(
-            "/proc/meminfo",
-            read("/proc/meminfo").map(|text| meminfo_family(&self.meminfo, &text)),
-        );
-        push(
-            "/proc/net/dev",
-            procfs::process::Process::myself()
-                .and_then(|p| p.dev_status())
-                .map(|devices| netdev_family(&self.netdev, devices.values()))
-                .map_err(|e| e.to_string()),
-        );
+    /// Reads every source and appends its family as text. Each source is optional: one unreadable
+    /// file must not empty the whole scrape.
+    pub(crate) fn write_text(&self, out: &mut String) {
+        match read("/proc/stat") {
+            Ok(text) => cpu_time(&mut self.cpu_time.text_family(out), &text),
+            Err(err) => unavailable("/proc/stat", &err),
+        }
+        match read("/proc/meminfo") {
+            Ok(text) => meminfo(&mut self.meminfo.text_family(out), &text),
+            Err(err) => unavailable("/proc/meminfo", &err),
+        }
+        match procfs::process::Process::myself().and_then(|p| p.dev_status()) {
+            Ok(devices) => fill_netdev(&mut self.netdev.text_family(out), devices.values()),
+            Err(err) => unavailable("/proc/net/dev", &err.to_string()),
+        }
         match <procfs::LoadAverage as procfs::Current>::current() {
             Ok(load) => {
-                let mut family = self.load.family();
+                let mut family = self.load.text_family(out);
                 family.add(&["load1"], load.one as f64);
                 family.add(&["load5"], load.five as f64);
                 family.add(&["load15"], load.fifteen as f64);
-                out.push(family.finish());
-                let mut family = self.tasks.family();
+                let mut family = self.tasks.text_family(out);
                 family.add(&["cur"], load.cur as f64);
                 family.add(&["max"], load.max as f64);
-                out.push(family.finish());
             }
-            Err(err) => tracing::warn!(error = %err, "guest load average unavailable"),
+            Err(err) => unavailable("/proc/loadavg", &err.to_string()),
         }
         match procfs::diskstats() {
-            Ok(disks) => out.push(diskstat_family(&self.diskstat, &disks)),
-            Err(err) => tracing::warn!(error = %err, "guest disk statistics unavailable"),
+            Ok(disks) => diskstat(&mut self.diskstat.text_family(out), &disks),
+            Err(err) => unavailable("/proc/diskstats", &err.to_string()),
         }
         match read("/proc/vmstat") {
-            Ok(text) => out.push(vm_stat_family(&self.vm_stat, &text)),
-            Err(err) => tracing::warn!(error = %err, "guest vmstat unavailable"),
+            Ok(text) => vm_stat(&mut self.vm_stat.text_family(out), &text),
+            Err(err) => unavailable("/proc/vmstat", &err),
         }
-        out
     }
+}
+
+fn unavailable(source: &str, err: &str) {
+    tracing::warn!(source, error = %err, "guest statistics unavailable");
 }
 
 fn read(path: &str) -> Result<String, String> {
@@ -142,8 +111,7 @@ const CPU_ITEMS: [&str; 10] = [
 
 /// `cpu` lines of /proc/stat: the aggregate line becomes cpu="total", `cpuN` becomes cpu="N" (so
 /// offline CPUs, which have no line, have no series).
-pub(crate) fn cpu_time_family(spec: &GaugeSpec, proc_stat: &str) -> MetricFamily {
-    let mut family = spec.family();
+pub(crate) fn cpu_time(family: &mut GaugeFamily<'_>, proc_stat: &str) {
     for line in proc_stat.lines().filter(|l| l.starts_with("cpu")) {
         let mut fields = line.split_whitespace();
         let Some(name) = fields.next() else { continue };
@@ -158,12 +126,10 @@ pub(crate) fn cpu_time_family(spec: &GaugeSpec, proc_stat: &str) -> MetricFamily
             }
         }
     }
-    family.finish()
 }
 
 /// /proc/meminfo with Kata's item names (`MemTotal` → `mem_total`, `Active(anon)` → `active_anon`).
-pub(crate) fn meminfo_family(spec: &GaugeSpec, meminfo: &str) -> MetricFamily {
-    let mut family = spec.family();
+pub(crate) fn meminfo(family: &mut GaugeFamily<'_>, meminfo: &str) {
     for line in meminfo.lines() {
         let Some((key, rest)) = line.split_once(':') else {
             continue;
@@ -182,7 +148,6 @@ pub(crate) fn meminfo_family(spec: &GaugeSpec, meminfo: &str) -> MetricFamily {
             family.add(&[&item], value);
         }
     }
-    family.finish()
 }
 
 /// Kata's (procfs') names for /proc/meminfo keys; the irregular ones are listed, the rest follow
@@ -233,8 +198,7 @@ pub(crate) fn meminfo_item(key: &str) -> String {
     item
 }
 
-fn diskstat_family(spec: &GaugeSpec, disks: &[procfs::DiskStat]) -> MetricFamily {
-    let mut family = spec.family();
+fn diskstat(family: &mut GaugeFamily<'_>, disks: &[procfs::DiskStat]) {
     for disk in disks {
         let always = [
             ("reads", disk.reads),
@@ -266,11 +230,9 @@ fn diskstat_family(spec: &GaugeSpec, disks: &[procfs::DiskStat]) -> MetricFamily
             }
         }
     }
-    family.finish()
 }
 
-fn vm_stat_family(spec: &GaugeSpec, vmstat: &str) -> MetricFamily {
-    let mut family = spec.family();
+fn vm_stat(family: &mut GaugeFamily<'_>, vmstat: &str) {
     for line in vmstat.lines() {
         let mut parts = line.split_whitespace();
         let (Some(item), Some(value)) = (parts.next(), parts.next()) else {
@@ -282,12 +244,12 @@ fn vm_stat_family(spec: &GaugeSpec, vmstat: &str) -> MetricFamily {
             }
         }
     }
-    family.finish()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus::proto::MetricFamily;
 
     fn values(family: &MetricFamily) -> Vec<(Vec<String>, f64)> {
         family
@@ -326,10 +288,12 @@ mod tests {
     #[test]
     fn meminfo_converts_kb_to_bytes_and_keeps_counts() {
         let spec = GaugeSpec::new("m", "h", &["item"]).unwrap();
-        let family = meminfo_family(
-            &spec,
+        let mut family = spec.family();
+        meminfo(
+            &mut family,
             "MemTotal:  2048 kB\nHugePages_Total:  3\nBogus line\nX: y kB\n",
         );
+        let family = family.finish();
         assert_eq!(
             values(&family),
             vec![
@@ -343,7 +307,9 @@ mod tests {
     fn cpu_time_has_each_cpu_and_total() {
         let spec = GaugeSpec::new("c", "h", &["cpu", "item"]).unwrap();
         let text = "cpu  10 0 5 100 0 0 0 0 0 0\ncpu0 6 0 3 50 0 0 0 0 0 0\ncpu2 4 0 2 50 0 0 0 0 0 0\nintr 1\n";
-        let family = cpu_time_family(&spec, text);
+        let mut family = spec.family();
+        cpu_time(&mut family, text);
+        let family = family.finish();
         let cpus: std::collections::BTreeSet<String> = values(&family)
             .into_iter()
             .map(|(l, _)| l[0].clone())
@@ -358,8 +324,8 @@ mod tests {
     #[test]
     fn collector_reads_this_machine() {
         let collector = GuestCollector::new().unwrap();
-        let families = collector.collect();
-        let names: Vec<&str> = families.iter().map(|f| f.name()).collect();
+        let mut text = String::new();
+        collector.write_text(&mut text);
         for name in [
             "kata_guest_cpu_time",
             "kata_guest_meminfo",
@@ -368,9 +334,15 @@ mod tests {
             "kata_guest_tasks",
             "kata_guest_vm_stat",
         ] {
-            assert!(names.contains(&name), "{name} missing from {names:?}");
+            assert!(
+                text.contains(&format!("\n# TYPE {name} gauge\n")),
+                "{name} missing from\n{text}"
+            );
         }
-        let registry = prometheus::Registry::new();
-        registry.register(Box::new(collector)).unwrap();
+        #[cfg(feature = "host")]
+        {
+            let parsed = crate::metrics::exposition::parse(&text, &Default::default()).unwrap();
+            assert!(parsed.dropped.is_empty(), "{:?}", parsed.dropped);
+        }
     }
 }

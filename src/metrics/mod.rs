@@ -3,9 +3,10 @@
 //! monitor: they build on this.
 
 // Parsing and encoding text is the host's job (the shim checks the guest's text, the monitor
-// merges the shims'); the guest encodes with prometheus' own encoder.
+// merges the shims'); the guest only writes text.
 #[cfg(feature = "host")]
 pub mod exposition;
 pub(crate) mod family;
 pub(crate) mod guest;
 pub(crate) mod process;
+pub(crate) mod text;

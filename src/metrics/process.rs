@@ -9,7 +9,7 @@
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 
-use super::family::GaugeSpec;
+use super::family::{GaugeFamily, GaugeSpec};
 
 /// Which process a collector watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,6 +333,15 @@ pub(crate) fn netdev_family<'a>(
     devices: impl Iterator<Item = &'a procfs::net::DeviceStatus>,
 ) -> MetricFamily {
     let mut family = spec.family();
+    fill_netdev(&mut family, devices);
+    family.finish()
+}
+
+/// Every device's counters, with Kata's item names.
+pub(crate) fn fill_netdev<'a>(
+    family: &mut GaugeFamily<'_>,
+    devices: impl Iterator<Item = &'a procfs::net::DeviceStatus>,
+) {
     for dev in devices {
         for (item, value) in [
             ("recv_bytes", dev.recv_bytes),
@@ -355,7 +364,6 @@ pub(crate) fn netdev_family<'a>(
             family.add(&[&dev.name, item], value as f64);
         }
     }
-    family.finish()
 }
 
 #[cfg(test)]

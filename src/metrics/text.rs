@@ -1,0 +1,38 @@
+//! The pieces of Prometheus text format 0.0.4 that every side writes, the guest agent included:
+//! sample values and escapes.
+
+use std::fmt::Write as _;
+
+/// Escapes `\` and newline, and `"` too inside label values.
+pub(crate) fn escape_into(s: &str, quote: bool, out: &mut String) {
+    let special = |c: char| c == '\\' || c == '\n' || (quote && c == '"');
+    if !s.contains(special) {
+        out.push_str(s);
+        return;
+    }
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quote => out.push_str("\\\""),
+            _ => out.push(c),
+        }
+    }
+}
+
+/// Shortest text that parses back to the same value (as Prometheus writes it: `+Inf`, `NaN`...).
+pub(crate) fn write_value(v: f64, out: &mut String) {
+    if v.is_nan() {
+        out.push_str("NaN");
+    } else if v.is_infinite() {
+        out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
+    } else if v == 0.0 && v.is_sign_negative() {
+        out.push_str("-0");
+    } else if v.fract() == 0.0 && v.abs() < 1e15 {
+        // Integral: print without ".0", exact since |v| < 2^53.
+        let _ = write!(out, "{}", v as i64);
+    } else {
+        // Debug is the shortest round-tripping form and switches to exponents for extremes.
+        let _ = write!(out, "{v:?}");
+    }
+}
