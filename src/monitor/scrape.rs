@@ -96,6 +96,9 @@ pub(crate) struct ScrapedBody {
     pub(crate) dropped: usize,
 }
 
+/// Bodies up to this size are parsed on the thread that read them (a real shim's is ~65 KB).
+const PARSE_INLINE_BYTES: usize = 256 * 1024;
+
 #[derive(Clone)]
 pub(crate) struct Scraper {
     pub(crate) timeout: Duration,
@@ -203,13 +206,20 @@ impl Scraper {
         let Ok(_parsing) = self.parse_permits.clone().acquire_owned().await else {
             return Err(ScrapeError::Deadline);
         };
-        // Parsing is CPU work; keep it off the threads that drive sockets.
-        tokio::task::spawn_blocking(move || match endpoint {
+        let inline = response.body.len() <= PARSE_INLINE_BYTES;
+        let parse = move || match endpoint {
             Endpoint::Metrics => parse_body(&response.body, &limits),
             Endpoint::Cadvisor => parse_cadvisor_body(&response.body, &limits),
-        })
-        .await
-        .map_err(ScrapeError::ParserTask)?
+        };
+        // A typical body parses in a fraction of a millisecond: handing it to another thread
+        // would cost about as much (hundreds per scrape). A large one is CPU work long enough to
+        // stall the sockets this thread drives, so it goes to the blocking pool.
+        if inline {
+            return parse();
+        }
+        tokio::task::spawn_blocking(parse)
+            .await
+            .map_err(ScrapeError::ParserTask)?
     }
 }
 

@@ -43,6 +43,21 @@ pub(crate) struct BlockLines {
 
 const HAS_LABELS: u32 = 1 << 31;
 
+/// Buffers a thread grows families in, kept between families.
+#[derive(Default)]
+struct Scratch {
+    lines: String,
+    inserts: Vec<u32>,
+    name_of: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// A scratch buffer grown past this (a huge family) is freed rather than kept by the thread.
+const SCRATCH_KEEP_BYTES: usize = 1 << 20;
+
 /// Writes the families in text format 0.0.4, as [`super::encode`] writes owned ones (sample
 /// timestamps are not kept in blocks).
 pub(crate) fn encode_blocks(families: &[FamilyBlock], out: &mut String) {
@@ -165,11 +180,12 @@ impl BlockLines {
 impl SampleSink for BlockLines {
     fn push(&mut self, sample: &SampleRef<'_, '_>) -> Result<(), String> {
         if self.inserts.is_empty() {
-            // Most families hold a few dozen lines: skip the first rounds of growth (`done`
-            // gives back what is left over).
-            self.lines.reserve(2048);
-            self.inserts.reserve(64);
-            self.name_of.reserve(64);
+            // Grow in this thread's scratch buffers; `done` keeps an exact copy.
+            SCRATCH.with_borrow_mut(|scratch| {
+                self.lines = std::mem::take(&mut scratch.lines);
+                self.inserts = std::mem::take(&mut scratch.inserts);
+                self.name_of = std::mem::take(&mut scratch.name_of);
+            });
         }
         // Samples of one name come together: try the previous line's name first.
         let last = self.name_of.last().map_or(0, |&i| usize::from(i));
@@ -240,12 +256,28 @@ impl SampleSink for BlockLines {
         self.names.iter().map(String::as_str)
     }
 
-    /// Blocks live until the answer is written, hundreds of sandboxes at once: no growth slack,
-    /// and freed at once so that the next family can use it.
+    /// Blocks live until the answer is written, hundreds of sandboxes at once: each keeps an
+    /// exact-size copy of its lines, and the grown buffers go back to this thread's scratch for
+    /// the next family (growing and shrinking every block left the heap full of holes).
     fn done(&mut self) {
-        self.lines.shrink_to_fit();
-        self.inserts.shrink_to_fit();
-        self.name_of.shrink_to_fit();
+        let lines = String::from(self.lines.as_str());
+        let inserts = self.inserts.as_slice().to_vec();
+        let name_of = self.name_of.as_slice().to_vec();
+        let mut grown = (
+            std::mem::replace(&mut self.lines, lines),
+            std::mem::replace(&mut self.inserts, inserts),
+            std::mem::replace(&mut self.name_of, name_of),
+        );
+        if grown.0.capacity() <= SCRATCH_KEEP_BYTES {
+            grown.0.clear();
+            grown.1.clear();
+            grown.2.clear();
+            SCRATCH.with_borrow_mut(|scratch| {
+                scratch.lines = grown.0;
+                scratch.inserts = grown.1;
+                scratch.name_of = grown.2;
+            });
+        }
         self.names.shrink_to_fit();
     }
 
