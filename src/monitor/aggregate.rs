@@ -56,6 +56,9 @@ fn body_of(blocks: impl Iterator<Item = FamilyBlock>, total: usize) -> (ShimBody
     let mut families: Vec<FamilyBlock> = blocks.collect();
     families.sort_by(|a, b| a.name.cmp(&b.name));
     families.dedup_by(|later, first| later.name == first.name);
+    // Collected in place from the parser's vector, which grew by doubling: hundreds of bodies
+    // live until the answer is written.
+    families.shrink_to_fit();
     let dropped = total - families.len();
     (ShimBody { families }, dropped)
 }

@@ -16,9 +16,11 @@ pub(crate) const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=u
 pub(crate) const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Bytes gathered before a chunk goes out: each chunk costs a wake-up of the HTTP task, and 100
-/// MB of text at 64 KiB was 1,600 of them.
-const CHUNK: usize = 256 * 1024;
+/// Bytes gathered before a chunk goes out: each chunk costs a wake-up of the HTTP task (100 MB of
+/// text at 64 KiB was 1,600 of them), and up to four wait in the channel.
+const CHUNK: usize = 128 * 1024;
+/// A chunk's buffer: a chunk goes out once a sandbox's family lines take it past `CHUNK`.
+const CHUNK_BUFFER: usize = CHUNK + 32 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Format {
@@ -93,7 +95,7 @@ pub(crate) struct ChunkSink {
 impl ChunkSink {
     pub(crate) fn new(tx: mpsc::Sender<Bytes>, gzip: bool) -> Self {
         ChunkSink {
-            buf: String::with_capacity(CHUNK * 2),
+            buf: String::with_capacity(CHUNK_BUFFER),
             gzip: gzip.then(|| {
                 flate2::write::GzEncoder::new(
                     Vec::with_capacity(CHUNK),
@@ -117,7 +119,7 @@ impl ChunkSink {
     }
 
     fn flush(&mut self) -> Result<(), Gone> {
-        let text = std::mem::replace(&mut self.buf, String::with_capacity(CHUNK * 2));
+        let text = std::mem::replace(&mut self.buf, String::with_capacity(CHUNK_BUFFER));
         let chunk = match self.gzip.as_mut() {
             Some(encoder) => {
                 // Writing to a Vec cannot fail.
