@@ -2,7 +2,9 @@
 # Times the metrics of one real sandbox (BENCHMARKS.md, issue "Speed"): a private containerd runs a
 # busybox sandbox with the binaries in KSM_BIN_DIR, then `/metrics` is fetched N times through the
 # shim's socket (curl, a new connection each, as Prometheus and kata-monitor do) and
-# `kata-runtime metrics <id>` is run N times as a whole process. Prints min / p50 / p90 of each.
+# `kata-runtime metrics <id>` is run N times as a whole process, next to `kata-runtime --version`
+# timed the same way (process start and this script's own clock reads: the floor of the second).
+# Prints min / p50 / p90 of each.
 #
 # usage: KSM_BIN_DIR=target/release KSM_GUEST_DIR=build/guest scripts/bench-sandbox.sh [N]
 set -euo pipefail
@@ -52,5 +54,12 @@ echo -n "kata-runtime metrics $id (whole process): "
 for _ in $(seq "$rounds"); do
     started=$(date +%s%N)
     KATA_SANDBOX_RUN_DIR=$run_dir "$KSM_BIN_DIR/kata-runtime" metrics "$id" >/dev/null
+    echo $(( $(date +%s%N) - started ))
+done | awk '{ print $1 / 1e6 }' | summary
+
+echo -n "kata-runtime --version (the floor: process start and the clock reads): "
+for _ in $(seq "$rounds"); do
+    started=$(date +%s%N)
+    "$KSM_BIN_DIR/kata-runtime" --version >/dev/null
     echo $(( $(date +%s%N) - started ))
 done | awk '{ print $1 / 1e6 }' | summary
