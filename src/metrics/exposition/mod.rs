@@ -4,8 +4,10 @@
 //! The text usually comes from the guest, so parsing is strict and defensive: a bad line costs only
 //! the family it belongs to (recorded in `Exposition::dropped`), whole-input limits refuse the
 //! text outright, and nothing here panics on any input. `parse` groups lines into families
-//! (`syntax` reads one line, `float` its value, `series` finds repeated series); `encode` writes
-//! families back.
+//! (`syntax` reads one line, `float` its value, `series` finds repeated series) and hands each
+//! valid sample, borrowed from the text, to the family's [`SampleSink`]: owned [`Sample`]s, or
+//! the encoded lines of `block` (what the shim and kata-monitor keep, with no allocation per
+//! sample); `encode` writes families back.
 
 pub(crate) mod block;
 mod encode;
