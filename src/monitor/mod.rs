@@ -169,7 +169,6 @@ impl Monitor {
     }
 }
 
-/// Runs the monitor until SIGTERM/SIGINT.
 /// The monitor's own registry as blocks, through the same text and parser as a shim's body
 /// (labels kept: `kata_monitor_sandbox_up` has a `sandbox_id` of its own).
 fn own_blocks(registry: &prometheus::Registry) -> Vec<FamilyBlock> {
@@ -191,6 +190,7 @@ fn own_blocks(registry: &prometheus::Registry) -> Vec<FamilyBlock> {
     }
 }
 
+/// Runs the monitor until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> Result<(), MonitorError> {
     limit_malloc_arenas();
     if let Some(endpoint) = &config.runtime_endpoint {

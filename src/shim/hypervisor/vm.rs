@@ -34,9 +34,9 @@ use super::{Accel, BootTimings, VmConfig, VmError};
 use crate::agent::url::{AgentUrl, DEFAULT_AGENT_PORT};
 use crate::agent_client::{AgentClient, AgentTimeouts, RpcDurations};
 
-/// The guest context id given to the vsock daemon (each VM has its own daemon).
 /// The longest a boot health check waits for one answer before it tries again.
 const MAX_HEALTH_CHECK_PATIENCE: Duration = Duration::from_secs(8);
+/// The guest context id given to the vsock daemon (each VM has its own daemon).
 const HYBRID_GUEST_CID: u32 = 3;
 /// How long the vsock daemon may take to create its socket.
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
