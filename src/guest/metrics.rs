@@ -1,10 +1,11 @@
 //! What the guest agent serves on GetMetrics: guest OS families, the agent's own process families
 //! and its scrape counter, read at call time.
 
-use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
+use prometheus::{IntCounter, Registry};
 
 use crate::metrics::guest::GuestCollector;
 use crate::metrics::process::{ProcessCollector, ProcessCollectorOptions, Target};
+use crate::metrics::text::registry_text;
 
 pub(crate) struct AgentMetrics {
     /// The guest OS families, written straight as text: most of the answer, and every
@@ -39,10 +40,7 @@ impl AgentMetrics {
     /// Counts this scrape and returns every family in text format 0.0.4.
     pub(crate) fn render(&self) -> Result<String, prometheus::Error> {
         self.scrapes.inc();
-        let mut own = Vec::with_capacity(8 * 1024);
-        TextEncoder::new().encode(&self.registry.gather(), &mut own)?;
-        let mut out = String::from_utf8(own)
-            .map_err(|e| prometheus::Error::Msg(format!("metrics text is not UTF-8: {e}")))?;
+        let mut out = registry_text(&self.registry.gather())?;
         out.reserve(32 * 1024);
         self.guest.write_text(&mut out);
         Ok(out)

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use prometheus::core::Desc;
 use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
 
-use super::text::{escape_into, write_value};
+use super::text::{escape_into, write_header, write_value};
 
 /// One gauge family a collector may produce: its descriptor (checked once, at registration) and the
 /// label names its samples carry, in order.
@@ -102,13 +102,7 @@ impl GaugeFamily<'_> {
                 let name = &spec.desc.fq_name;
                 if !*started {
                     *started = true;
-                    out.push_str("# HELP ");
-                    out.push_str(name);
-                    out.push(' ');
-                    escape_into(&spec.desc.help, false, out);
-                    out.push_str("\n# TYPE ");
-                    out.push_str(name);
-                    out.push_str(" gauge\n");
+                    write_header(name, &spec.desc.help, "gauge", out);
                 }
                 out.push_str(name);
                 for (i, (label, value)) in spec.labels.iter().zip(values).enumerate() {

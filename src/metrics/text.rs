@@ -1,5 +1,5 @@
 //! The pieces of Prometheus text format 0.0.4 that every side writes, the guest agent included:
-//! sample values and escapes.
+//! sample values, escapes, family headers, and a registry's text.
 
 use std::fmt::Write as _;
 
@@ -18,6 +18,33 @@ pub(crate) fn escape_into(s: &str, quote: bool, out: &mut String) {
             _ => out.push(c),
         }
     }
+}
+
+/// `# HELP` (when there is help text) and `# TYPE` lines; `kind` is the TYPE word.
+pub(crate) fn write_header(name: &str, help: &str, kind: &str, out: &mut String) {
+    if !help.is_empty() {
+        out.push_str("# HELP ");
+        out.push_str(name);
+        out.push(' ');
+        escape_into(help, false, out);
+        out.push('\n');
+    }
+    out.push_str("# TYPE ");
+    out.push_str(name);
+    out.push(' ');
+    out.push_str(kind);
+    out.push('\n');
+}
+
+/// A registry's families as text format 0.0.4, by prometheus' own encoder.
+pub(crate) fn registry_text(
+    families: &[prometheus::proto::MetricFamily],
+) -> Result<String, prometheus::Error> {
+    use prometheus::Encoder;
+    let mut text = Vec::with_capacity(16 * 1024);
+    prometheus::TextEncoder::new().encode(families, &mut text)?;
+    String::from_utf8(text)
+        .map_err(|e| prometheus::Error::Msg(format!("metrics text is not UTF-8: {e}")))
 }
 
 /// Shortest text that parses back to the same value (as Prometheus writes it: `+Inf`, `NaN`...).

@@ -34,6 +34,7 @@ use self::sandboxes::{PodLabels, Sandbox, Sandboxes};
 use self::scrape::{Endpoint, ScrapeError, Scraper};
 use crate::metrics::exposition;
 use crate::metrics::exposition::block::{parse_blocks, FamilyBlock};
+use crate::metrics::text::registry_text;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
@@ -172,12 +173,8 @@ impl Monitor {
 /// The monitor's own registry as blocks, through the same text and parser as a shim's body
 /// (labels kept: `kata_monitor_sandbox_up` has a `sandbox_id` of its own).
 fn own_blocks(registry: &prometheus::Registry) -> Vec<FamilyBlock> {
-    use prometheus::Encoder;
-    let mut text = Vec::new();
-    let parsed = prometheus::TextEncoder::new()
-        .encode(&registry.gather(), &mut text)
+    let parsed = registry_text(&registry.gather())
         .map_err(|e| e.to_string())
-        .and_then(|()| String::from_utf8(text).map_err(|e| e.to_string()))
         .and_then(|text| {
             parse_blocks(&text, &exposition::Limits::default(), false).map_err(|e| e.to_string())
         });

@@ -9,12 +9,12 @@
 
 use std::collections::HashSet;
 
-use super::encode::write_header;
 use super::syntax::labels_of;
 use super::{
     parse_with, write_value, Exposition, ExpositionError, Family, Limits, SampleRef, SampleSink,
     HOST_LABELS,
 };
+use crate::metrics::text::write_header;
 
 /// A family whose lines are kept as text (for kata-monitor: one family of one sandbox, ready to
 /// be written but for the host labels).
@@ -62,7 +62,7 @@ const SCRATCH_KEEP_BYTES: usize = 1 << 20;
 /// timestamps are not kept in blocks).
 pub(crate) fn encode_blocks(families: &[FamilyBlock], out: &mut String) {
     for family in families {
-        write_header(&family.name, &family.help, family.kind, out);
+        write_header(&family.name, &family.help, family.kind.as_str(), out);
         family.samples.write_lines("", out);
     }
 }

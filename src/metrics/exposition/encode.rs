@@ -3,10 +3,10 @@
 
 use std::fmt::Write as _;
 
-use crate::metrics::text::escape_into;
 pub(crate) use crate::metrics::text::write_value;
+use crate::metrics::text::{escape_into, write_header};
 
-use super::{Family, MetricType};
+use super::Family;
 
 /// Appends families in text format 0.0.4 (HELP only when there is help text).
 pub(crate) fn encode(families: &[Family], out: &mut String) {
@@ -15,24 +15,8 @@ pub(crate) fn encode(families: &[Family], out: &mut String) {
     }
 }
 
-/// `# HELP` (when there is help text) and `# TYPE` lines.
-pub(super) fn write_header(name: &str, help: &str, kind: MetricType, out: &mut String) {
-    if !help.is_empty() {
-        out.push_str("# HELP ");
-        out.push_str(name);
-        out.push(' ');
-        escape_into(help, false, out);
-        out.push('\n');
-    }
-    out.push_str("# TYPE ");
-    out.push_str(name);
-    out.push(' ');
-    out.push_str(kind.as_str());
-    out.push('\n');
-}
-
 fn encode_family(family: &Family, out: &mut String) {
-    write_header(&family.name, &family.help, family.kind, out);
+    write_header(&family.name, &family.help, family.kind.as_str(), out);
     for sample in &family.samples {
         out.push_str(&sample.name);
         write_labels(&sample.labels, out);

@@ -7,8 +7,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use prometheus::{Encoder, TextEncoder};
-
 use super::overhead::GuestUsage;
 use super::registry::{
     self, AGENT_FAMILIES_DROPPED, AGENT_METRICS_ERRORS, AGENT_METRICS_UP, POD_OVERHEAD, REGISTRY,
@@ -16,6 +14,7 @@ use super::registry::{
 use crate::agent_client::AgentClient;
 use crate::metrics::exposition::block::{encode_blocks, parse_blocks, FamilyBlock};
 use crate::metrics::exposition::{self, Dropped, ExpositionError, Family, Limits, SampleSink};
+use crate::metrics::text::registry_text;
 use crate::mgmt::server::MetricsSource;
 use crate::protocols::agent::GetMetricsRequest;
 
@@ -107,11 +106,10 @@ pub(crate) fn compose(agent_text: Option<&str>, limits: &Limits) -> String {
         note_dropped(&dropped);
     }
 
-    let mut body = Vec::with_capacity(64 * 1024);
-    if let Err(err) = TextEncoder::new().encode(&host, &mut body) {
+    let mut out = registry_text(&host).unwrap_or_else(|err| {
         tracing::error!(error = %err, "encoding the shim's own metrics");
-    }
-    let mut out = String::from_utf8(body).unwrap_or_default();
+        String::new()
+    });
     encode_blocks(&agent_families, &mut out);
     out
 }
