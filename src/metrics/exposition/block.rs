@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 
-use super::syntax::labels_of;
+use super::syntax::{labels_of, write_open_label_set};
 use super::{
     parse_with, write_value, Exposition, ExpositionError, Family, Limits, SampleRef, SampleSink,
     HOST_LABELS,
@@ -52,11 +52,37 @@ struct Scratch {
 }
 
 thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::default();
 }
 
 /// A scratch buffer grown past this (a huge family) is freed rather than kept by the thread.
 const SCRATCH_KEEP_BYTES: usize = 1 << 20;
+
+impl Scratch {
+    /// This thread's scratch buffers (empty ones if another block holds them).
+    fn take() -> Scratch {
+        SCRATCH.take()
+    }
+
+    /// Puts these buffers in `block` and returns the ones it had.
+    fn lend_to(self, block: &mut BlockLines) -> Scratch {
+        Scratch {
+            lines: std::mem::replace(&mut block.lines, self.lines),
+            inserts: std::mem::replace(&mut block.inserts, self.inserts),
+            name_of: std::mem::replace(&mut block.name_of, self.name_of),
+        }
+    }
+
+    /// Keeps these buffers, emptied, for the thread's next family (unless grown huge).
+    fn give_back(mut self) {
+        if self.lines.capacity() <= SCRATCH_KEEP_BYTES {
+            self.lines.clear();
+            self.inserts.clear();
+            self.name_of.clear();
+            SCRATCH.set(self);
+        }
+    }
+}
 
 /// Writes the families in text format 0.0.4, as [`super::encode`] writes owned ones (sample
 /// timestamps are not kept in blocks).
@@ -152,12 +178,7 @@ impl BlockLines {
             return false;
         }
         // Rare (a shim that sets host labels): read the stored label sets back and compare.
-        let limits = Limits {
-            max_labels_per_sample: usize::MAX,
-            max_label_value_bytes: usize::MAX,
-            max_name_bytes: usize::MAX,
-            ..Limits::default()
-        };
+        let limits = Limits::unbounded();
         let mut seen = HashSet::with_capacity(self.len());
         let mut label_set = String::new();
         self.lines().any(|line| {
@@ -181,11 +202,7 @@ impl SampleSink for BlockLines {
     fn push(&mut self, sample: &SampleRef<'_, '_>) -> Result<(), String> {
         if self.inserts.is_empty() {
             // Grow in this thread's scratch buffers; `done` keeps an exact copy.
-            SCRATCH.with_borrow_mut(|scratch| {
-                self.lines = std::mem::take(&mut scratch.lines);
-                self.inserts = std::mem::take(&mut scratch.inserts);
-                self.name_of = std::mem::take(&mut scratch.name_of);
-            });
+            Scratch::take().lend_to(self);
         }
         // Samples of one name come together: try the previous line's name first.
         let last = self.name_of.last().map_or(0, |&i| usize::from(i));
@@ -198,38 +215,30 @@ impl SampleSink for BlockLines {
             self.names.len() - 1
         };
         let index = u8::try_from(index).map_err(|_| "more than 256 sample names".to_string())?;
-        let mut mark = 0;
-        let host_label = sample
-            .labels
-            .iter()
-            .find_map(|l| HOST_LABELS.iter().find(|host| **host == l.name));
-        if let Some(&host) = host_label {
+        let is_host = |name: &str| HOST_LABELS.iter().find(|host| **host == name);
+        let host = sample.labels.iter().find_map(|l| is_host(l.name));
+        if let Some(&host) = host {
             self.host_label.get_or_insert(host);
         }
-        let has_host_label = self.strip_host_labels && host_label.is_some();
-        let labels = match sample.compact_label_text() {
+        // A host label from a shim or guest is replaced, never repeated.
+        let strip = self.strip_host_labels && host.is_some();
+        self.stripped |= strip;
+        let opened = match sample.compact_label_text() {
             // The common case: copy the label set as written, without its closing brace.
-            Some(text) if !has_host_label => {
+            Some(text) if !strip => {
                 self.lines.push_str(&text[..text.len() - 1]);
-                mark = HAS_LABELS;
-                &[]
+                true
             }
-            _ => sample.labels,
-        };
-        for label in labels {
-            if self.strip_host_labels && HOST_LABELS.contains(&label.name) {
-                // A host label from a shim or guest is replaced, never repeated.
-                self.stripped = true;
-                continue;
-            }
-            self.lines.push(if mark == 0 { '{' } else { ',' });
-            mark = HAS_LABELS;
-            self.lines.push_str(label.name);
-            self.lines.push_str("=\"");
             // As written: the text's escapes are the ones an encoder writes.
-            self.lines.push_str(label.escaped);
-            self.lines.push('"');
-        }
+            _ => write_open_label_set(
+                sample
+                    .labels
+                    .iter()
+                    .filter(|l| !(strip && is_host(l.name).is_some())),
+                &mut self.lines,
+            ),
+        };
+        let mark = if opened { HAS_LABELS } else { 0 };
         let offset = u32::try_from(self.lines.len())
             .ok()
             .filter(|offset| offset & HAS_LABELS == 0)
@@ -260,24 +269,13 @@ impl SampleSink for BlockLines {
     /// exact-size copy of its lines, and the grown buffers go back to this thread's scratch for
     /// the next family (growing and shrinking every block left the heap full of holes).
     fn done(&mut self) {
-        let lines = String::from(self.lines.as_str());
-        let inserts = self.inserts.as_slice().to_vec();
-        let name_of = self.name_of.as_slice().to_vec();
-        let mut grown = (
-            std::mem::replace(&mut self.lines, lines),
-            std::mem::replace(&mut self.inserts, inserts),
-            std::mem::replace(&mut self.name_of, name_of),
-        );
-        if grown.0.capacity() <= SCRATCH_KEEP_BYTES {
-            grown.0.clear();
-            grown.1.clear();
-            grown.2.clear();
-            SCRATCH.with_borrow_mut(|scratch| {
-                scratch.lines = grown.0;
-                scratch.inserts = grown.1;
-                scratch.name_of = grown.2;
-            });
+        let grown = Scratch {
+            lines: String::from(self.lines.as_str()),
+            inserts: self.inserts.to_vec(),
+            name_of: self.name_of.to_vec(),
         }
+        .lend_to(self);
+        grown.give_back();
         self.names.shrink_to_fit();
     }
 

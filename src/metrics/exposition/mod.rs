@@ -231,6 +231,20 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// For reading again text that was accepted once (stored lines, a series seen before): no
+    /// size can refuse it now.
+    pub(crate) fn unbounded() -> Self {
+        Self {
+            max_bytes: usize::MAX,
+            max_samples: usize::MAX,
+            max_labels_per_sample: usize::MAX,
+            max_label_value_bytes: usize::MAX,
+            max_name_bytes: usize::MAX,
+        }
+    }
+}
+
 /// A family left out of the result, and why.
 #[derive(Debug, Clone)]
 pub(crate) struct Dropped {

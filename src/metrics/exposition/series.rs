@@ -5,7 +5,7 @@ use std::collections::hash_map::{Entry, RandomState};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
-use super::syntax::parse_sample;
+use super::syntax::{parse_sample, write_open_label_set};
 use super::{LabelRef, Limits, SampleRef};
 
 /// Two samples are the same series when name and label set match (label order does not matter).
@@ -33,14 +33,7 @@ fn series_hash(hasher: &RandomState, s: &SampleRef<'_, '_>) -> u64 {
             let mut labels: Vec<&LabelRef<'_>> = s.labels.iter().collect();
             labels.sort_unstable_by(|a, b| a.name.cmp(b.name));
             let mut text = String::new();
-            for (i, label) in labels.iter().enumerate() {
-                text.push(if i == 0 { '{' } else { ',' });
-                text.push_str(label.name);
-                text.push_str("=\"");
-                text.push_str(label.escaped);
-                text.push('"');
-            }
-            if !labels.is_empty() {
+            if write_open_label_set(labels, &mut text) {
                 text.push('}');
             }
             h.write(text.as_bytes());
@@ -105,14 +98,10 @@ impl<'t> SeriesIndex<'t> {
         );
         let mut labels = Vec::new();
         for (name, rest) in candidates {
-            // Text accepted once reads the same again; no limit can refuse it now.
-            let limits = Limits {
-                max_name_bytes: usize::MAX,
-                max_label_value_bytes: usize::MAX,
-                max_labels_per_sample: usize::MAX,
-                ..Limits::default()
-            };
-            if parse_sample(name, rest, &limits, &mut labels).is_ok_and(|e| same_series(&e, s)) {
+            // Text accepted once reads the same again.
+            if parse_sample(name, rest, &Limits::unbounded(), &mut labels)
+                .is_ok_and(|e| same_series(&e, s))
+            {
                 return false;
             }
         }
@@ -125,14 +114,7 @@ impl<'t> SeriesIndex<'t> {
 pub(super) fn series_text(s: &SampleRef<'_, '_>) -> String {
     let mut out = String::with_capacity(s.name.len() + 16);
     out.push_str(s.name);
-    for (i, label) in s.labels.iter().enumerate() {
-        out.push(if i == 0 { '{' } else { ',' });
-        out.push_str(label.name);
-        out.push_str("=\"");
-        out.push_str(label.escaped);
-        out.push('"');
-    }
-    if !s.labels.is_empty() {
+    if write_open_label_set(s.labels, &mut out) {
         out.push('}');
     }
     out

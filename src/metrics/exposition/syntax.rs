@@ -68,6 +68,24 @@ pub(crate) fn labels_of<'t>(text: &'t str, limits: &Limits) -> Result<Vec<LabelR
     Ok(labels)
 }
 
+/// Writes `labels` as an encoder does, `{a="b",c="d"` (values as written), without the closing
+/// brace; false (nothing written) when there are none.
+pub(crate) fn write_open_label_set<'a, 't: 'a>(
+    labels: impl IntoIterator<Item = &'a LabelRef<'t>>,
+    out: &mut String,
+) -> bool {
+    let mut opened = false;
+    for label in labels {
+        out.push(if opened { ',' } else { '{' });
+        opened = true;
+        out.push_str(label.name);
+        out.push_str("=\"");
+        out.push_str(label.escaped);
+        out.push('"');
+    }
+    opened
+}
+
 /// Parses `name="value",...}` (the `{` already consumed) and returns the text after `}`.
 fn parse_labels<'t>(
     mut s: &'t str,
@@ -245,10 +263,10 @@ pub(super) fn split_metric_name(s: &str) -> Result<(&str, &str), &str> {
         .iter()
         .position(|&b| !NAME_BYTE[usize::from(b)])
         .unwrap_or(bytes.len());
-    let ends_well = matches!(bytes.get(end), None | Some(b'{' | b' ' | b'\t'));
-    let starts_well = bytes.first().is_some_and(|b| !b.is_ascii_digit());
-    if end > 0 && ends_well && starts_well {
-        Ok(s.split_at(end))
+    let (name, rest) = s.split_at(end);
+    let ends_well = matches!(rest.bytes().next(), None | Some(b'{' | b' ' | b'\t'));
+    if ends_well && is_metric_name(name) {
+        Ok((name, rest))
     } else {
         Err(split_name(s).0)
     }
@@ -256,9 +274,8 @@ pub(super) fn split_metric_name(s: &str) -> Result<(&str, &str), &str> {
 
 /// `[a-zA-Z_:][a-zA-Z0-9_:]*`
 pub(super) fn is_metric_name(s: &str) -> bool {
-    let mut bytes = s.bytes();
-    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_' || b == b':')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+    s.bytes().next().is_some_and(|b| !b.is_ascii_digit())
+        && s.bytes().all(|b| NAME_BYTE[usize::from(b)])
 }
 
 /// `[a-zA-Z_][a-zA-Z0-9_]*`
