@@ -14,6 +14,8 @@ export KSM_BIN_DIR=${KSM_BIN_DIR:-$repo/target/release}
 export KSM_GUEST_DIR=${KSM_GUEST_DIR:-$repo/build/guest}
 image_tar=$repo/build/busybox.tar
 env_sh=$repo/scripts/containerd-env.sh
+# shellcheck source=scripts/lib/ctr-sandbox.sh
+source "$repo/scripts/lib/ctr-sandbox.sh"
 dir=$(mktemp -d /tmp/ksm-XXXX)
 id=demo-$$
 cri_dir=
@@ -26,13 +28,7 @@ step() { echo; echo "==> $*"; }
 # The ctr sandbox of the first part (a no-op once it is gone).
 stop_ctr_sandbox() {
     [[ -n $dir ]] || return 0
-    "$env_sh" ctr "$dir" task kill -s SIGKILL "$id" >/dev/null 2>&1 || true
-    for _ in $(seq 50); do
-        "$env_sh" ctr "$dir" task ls 2>/dev/null | grep -q "^$id .*RUNNING" || break
-        sleep 0.2
-    done
-    "$env_sh" ctr "$dir" task delete "$id" >/dev/null 2>&1 || true
-    "$env_sh" ctr "$dir" container delete "$id" >/dev/null 2>&1 || true
+    remove_ctr_sandbox "$env_sh" "$dir" "$id"
     "$env_sh" stop "$dir"
     dir=
 }

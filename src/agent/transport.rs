@@ -274,6 +274,15 @@ mod tests {
         assert!(err.contains("closed") || err.contains("sending"), "{err}");
     }
 
+    /// A caller that gives up on a CONNECT nobody answers within 100 ms times out.
+    async fn gives_up_on(url: AgentUrl) {
+        let err = connect(&url, Duration::from_millis(100))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
+    }
+
     /// The peer answers CONNECT only after the caller's deadline: the answer must still find the
     /// connection open (vhost-device-vsock panics otherwise), and it is closed after that.
     #[tokio::test]
@@ -294,12 +303,7 @@ mod tests {
             let closed_after = stream.read_to_end(&mut rest).await;
             (answered, closed_after.map(|_| rest))
         });
-        let url = AgentUrl::Hvsock { path, port: 1024 };
-        let err = connect(&url, Duration::from_millis(100))
-            .await
-            .err()
-            .unwrap();
-        assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
+        gives_up_on(AgentUrl::Hvsock { path, port: 1024 }).await;
         release.send(()).unwrap();
         let (answered, closed_after) = peer.await.unwrap();
         answered.expect("the late answer found the connection open");
@@ -318,12 +322,7 @@ mod tests {
             // Never answers; returns once our side closes.
             stream.read_to_end(&mut rest).await.map(|_| rest)
         });
-        let url = AgentUrl::Hvsock { path, port: 1024 };
-        let err = connect(&url, Duration::from_millis(100))
-            .await
-            .err()
-            .unwrap();
-        assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
+        gives_up_on(AgentUrl::Hvsock { path, port: 1024 }).await;
         assert_eq!(PENDING_CONNECTS.load(Ordering::Acquire), 1);
         // Paused time jumps ahead while everything waits.
         tokio::time::sleep(PENDING_CONNECT_HOLD + Duration::from_secs(1)).await;
