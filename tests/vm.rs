@@ -59,6 +59,18 @@ fn config(guest: &Path, dir: &Path) -> VmConfig {
     cfg
 }
 
+/// A client of the VM's agent with room for a slow TCG guest.
+fn agent_client(vm: &Vm) -> AgentClient {
+    AgentClient::new(
+        vm.agent_url().clone(),
+        AgentTimeouts {
+            connect: Duration::from_secs(5),
+            metrics: Duration::from_secs(20),
+            request: Duration::from_secs(20),
+        },
+    )
+}
+
 fn alive(pid: i32) -> bool {
     // A zombie is dead for our purposes, but `Vm::stop` reaps, so none should remain.
     Path::new(&format!("/proc/{pid}")).exists()
@@ -129,14 +141,7 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
         assert!(bad.is_empty(), "guest setup warnings: {bad:#?}");
     }
 
-    let client = AgentClient::new(
-        vm.agent_url().clone(),
-        AgentTimeouts {
-            connect: Duration::from_secs(5),
-            metrics: Duration::from_secs(20),
-            request: Duration::from_secs(20),
-        },
-    );
+    let client = agent_client(&vm);
     client
         .serving()
         .await
@@ -243,6 +248,70 @@ async fn a_vm_that_cannot_boot_fails_clearly_and_leaves_nothing() {
         "{text}"
     );
     assert!(text.contains("console.log"), "no console tail in: {text}");
+    assert_nothing_left(&cfg);
+}
+
+/// A vsock daemon that, on its first start only, reports its relay thread's panic the way
+/// vhost-device-vsock 0.3 does (and records its pid), then runs the real daemon.
+fn vsock_daemon_that_fails_once(dir: &Path) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let first_pid = dir.join("first-daemon.pid");
+    let script = dir.join("vsock-daemon-fails-once");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             if [ ! -e '{first}' ]; then\n\
+             echo $$ > '{first}'\n\
+             echo \"thread 'vring_worker' panicked at src/vsock_conn.rs:238:62: injected\" >&2\n\
+             fi\n\
+             exec '{real}' \"$@\"\n",
+            first = first_pid.display(),
+            real = vsock_daemon().display()
+        ),
+    )
+    .expect("write the daemon wrapper");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+        .expect("make the wrapper executable");
+    (script, first_pid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots the guest image: `make test` runs it (KSM_GUEST_DIR, --include-ignored)"]
+async fn a_boot_whose_vsock_relay_stops_relaying_starts_the_vm_again() {
+    let guest = support::guest_dir();
+    let _one_vm = VM_LOCK.lock().await;
+    if std::path::Path::new("/dev/vhost-vsock").exists() {
+        eprintln!("skipped: with /dev/vhost-vsock no vsock daemon runs");
+        return;
+    }
+    let dir = short_temp_dir();
+    let mut cfg = config(&guest, dir.path());
+    cfg.accel = Accel::Tcg;
+    let (daemon, first_pid) = vsock_daemon_that_fails_once(dir.path());
+    cfg.vsock_daemon = daemon;
+
+    let mut vm = match Vm::start(&cfg).await {
+        Ok(vm) => vm,
+        Err(err) => panic!("the VM did not boot on a second attempt: {err}"),
+    };
+    let first: i32 = std::fs::read_to_string(&first_pid)
+        .expect("the first daemon ran")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert!(
+        !alive(first),
+        "the first daemon (pid {first}) is left running"
+    );
+    assert_ne!(vm.vsock_daemon_pid(), Some(first), "a new daemon relays");
+    let daemon_log =
+        std::fs::read_to_string(cfg.state_dir.join("vsock-daemon.log")).expect("the daemon's log");
+    assert!(!daemon_log.contains("panicked"), "{daemon_log}");
+    let client = agent_client(&vm);
+    client.serving().await.expect("the agent answers");
+    drop(client);
+    vm.stop().await.expect("the VM stops");
     assert_nothing_left(&cfg);
 }
 

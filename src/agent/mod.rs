@@ -6,3 +6,8 @@
 #[cfg(feature = "host")]
 pub(crate) mod transport;
 pub mod url;
+
+/// The line the agent, as a guest's init, writes to the console once it listens. A host that relays
+/// vsock through vhost-device-vsock waits for it before its first CONNECT: that daemon stops
+/// relaying for good when a connection arrives while the guest's vsock queues are being set up.
+pub const CONSOLE_READY_LINE: &str = "kata-agent: listening for the host";

@@ -8,8 +8,8 @@
 //! gives up: vhost-device-vsock 0.3 writes the guest's late answer to our side without checking,
 //! and a closed socket panics its vring thread, which ends the agent channel for good (a paused or
 //! slow guest did that). The handshake runs in a task of its own that keeps the socket until the
-//! answer came, or for [`PENDING_CONNECT_HOLD`] (a CONNECT sent before the guest's vsock driver
-//! was up can stay unanswered for good); at most [`MAX_PENDING_CONNECTS`] such tasks wait at
+//! answer came, or for [`PENDING_CONNECT_HOLD`] (a daemon that stopped relaying never answers);
+//! at most [`MAX_PENDING_CONNECTS`] such tasks wait at
 //! once, after which a connect fails at once.
 
 use std::io;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use kata_shim_metrics::agent::url::AgentUrl;
+use kata_shim_metrics::agent::CONSOLE_READY_LINE;
 use kata_shim_metrics::guest::boot;
 use kata_shim_metrics::guest::container::cgroup::CgroupRoot;
 use kata_shim_metrics::guest::container::{self, spawn::INIT_SUBCOMMAND};
@@ -95,6 +96,8 @@ async fn run(args: Args, init: bool) -> Result<(), Box<dyn std::error::Error>> {
     let mut server = service::serve(&args.listen, service).await?;
     tracing::info!(listen = %args.listen, "agent serving");
     if init {
+        // Whatever the log level: the shim waits for this line (see CONSOLE_READY_LINE).
+        eprintln!("{CONSOLE_READY_LINE}");
         // PID 1 does not stop on SIGTERM or SIGINT (handlers, unlike SIG_IGN, are not inherited by
         // the processes the agent starts).
         let mut term = signal(SignalKind::terminate())?;

@@ -8,9 +8,11 @@ mod accel;
 mod child_process;
 mod cmdline;
 mod config_checks;
+mod console_gate;
 mod leftovers;
 mod logs;
 mod qmp;
+mod relay_watch;
 mod sandbox_cgroup;
 mod state_files;
 mod vm;
@@ -184,6 +186,8 @@ pub enum VmError {
         log_name: &'static str,
         log_tail: String,
     },
+    #[error("the VM cannot reach its guest: {why}\n--- console.log (tail) ---\n{log_tail}")]
+    RelayLost { why: String, log_tail: String },
     #[error("{what} did not come up within {timeout:?}: {reason}\n--- {log_name} (tail) ---\n{log_tail}")]
     Timeout {
         what: &'static str,

@@ -21,9 +21,11 @@ use super::accel::resolve_accel;
 use super::child_process::{child_pid, signal_child, spawn_detached, stop_child, STOP_GRACE};
 use super::cmdline::{qemu_args, VsockDevice};
 use super::config_checks::{check_config, check_socket_path};
+use super::console_gate::{ConsoleGate, CONSOLE_POLL};
 use super::leftovers::{write_cgroup_record, write_pid_file};
-use super::logs::{log_file, log_tail, LogWatch};
+use super::logs::{log_file, log_tail};
 use super::qmp::qmp_quit;
+use super::relay_watch::RelayWatch;
 use super::sandbox_cgroup::SandboxCgroup;
 use super::state_files::{
     CONSOLE_LOG, DAEMON_LOG, DAEMON_PID, HYBRID_VSOCK_SOCKET, QEMU_LOG, QMP_SOCKET,
@@ -34,6 +36,8 @@ use super::{Accel, BootTimings, VmConfig, VmError};
 use crate::agent::url::{AgentUrl, DEFAULT_AGENT_PORT};
 use crate::agent_client::{AgentClient, AgentTimeouts, RpcDurations};
 
+/// How many times a boot starts the VM when the vsock daemon stops relaying (see `relay_watch`).
+const BOOT_ATTEMPTS: u32 = 3;
 /// The longest a boot health check waits for one answer before it tries again.
 const MAX_HEALTH_CHECK_PATIENCE: Duration = Duration::from_secs(8);
 /// The guest context id given to the vsock daemon (each VM has its own daemon).
@@ -58,8 +62,8 @@ pub struct Vm {
     cgroup: Option<SandboxCgroup>,
     /// Set once the state directory is ours to remove (we created it).
     owns_state_dir: bool,
-    /// How far [`Vm::trouble`] has read the vsock daemon's log, looking for panics.
-    daemon_log: Option<LogWatch>,
+    /// Whether the vsock daemon still relays (see [`Vm::trouble`]).
+    relay: Option<RelayWatch>,
 }
 
 impl Vm {
@@ -102,7 +106,7 @@ impl Vm {
             daemon_pid: None,
             cgroup: None,
             owns_state_dir: true,
-            daemon_log: None,
+            relay: None,
         };
         match vm.boot(cfg, hybrid, started).await {
             Ok(()) => Ok(vm),
@@ -138,8 +142,8 @@ impl Vm {
     }
 
     /// Why the VM can no longer run its guest, if it cannot: QEMU or the vsock daemon exited (and
-    /// is reaped here, so no zombie is left to be reported as running), or a thread of the daemon
-    /// panicked (vhost-device-vsock's process then lives on, but relays nothing). `None` while
+    /// is reaped here, so no zombie is left to be reported as running), or the daemon lost the
+    /// thread that relays (its process then lives on, but relays nothing). `None` while
     /// both run, also when QEMU is merely stopped (the guest resumes on SIGCONT).
     pub(crate) fn trouble(&mut self) -> Option<String> {
         let qemu = self.qemu.as_mut()?;
@@ -153,16 +157,13 @@ impl Vm {
                 self.daemon_pid.unwrap_or_default()
             ));
         }
+        self.relay_lost()
+    }
+
+    /// Why the vsock daemon relays nothing any more although it runs (see [`RelayWatch`]).
+    fn relay_lost(&mut self) -> Option<String> {
         let log = self.state_dir.join(DAEMON_LOG);
-        self.daemon_log
-            .get_or_insert_with(LogWatch::default)
-            .find(&log, "panicked")
-            .map(|line| {
-                format!(
-                    "the vsock daemon (pid {}) lost a thread: {line}",
-                    self.daemon_pid.unwrap_or_default()
-                )
-            })
+        self.relay.as_mut()?.lost(&log)
     }
 
     /// Stops QEMU (QMP `quit`, then SIGTERM, then SIGKILL), then the vsock daemon, and removes the
@@ -216,29 +217,27 @@ impl Vm {
         self.accel = resolve_accel(cfg).await?;
         self.timings.accel_probe = probe_started.elapsed();
 
-        let vsock = if hybrid {
-            let daemon_started = Instant::now();
-            self.start_daemon(cfg).await?;
-            self.timings.vsock_daemon = daemon_started.elapsed();
-            VsockDevice::VhostUser
-        } else {
-            let cid = find_free_cid().map_err(|e| {
-                VmError::io(
-                    format!("finding a free vsock context id in {VHOST_VSOCK_DEVICE}"),
-                    e,
-                )
-            })?;
-            self.agent_url = AgentUrl::Vsock {
-                cid,
-                port: DEFAULT_AGENT_PORT,
-            };
-            VsockDevice::Vhost { cid }
+        // One deadline for every attempt: a retry does not extend the boot timeout.
+        let deadline = Instant::now() + cfg.boot_timeout;
+        let mut attempt = 1;
+        let qemu_started = loop {
+            let vsock = self.start_vsock(cfg, hybrid).await?;
+            let qemu_started = Instant::now();
+            self.start_qemu(cfg, vsock)?;
+            match self
+                .wait_for_agent(cfg.boot_timeout, deadline, cfg.agent_durations.clone())
+                .await
+            {
+                Ok(()) => break qemu_started,
+                // The daemon's known fault (see `relay_watch`) is not the guest's: boot afresh.
+                Err(VmError::RelayLost { why, .. }) if attempt < BOOT_ATTEMPTS => {
+                    tracing::warn!(attempt, "starting the VM again: {why}");
+                    self.kill_processes().await;
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
         };
-
-        let qemu_started = Instant::now();
-        self.start_qemu(cfg, vsock)?;
-        self.wait_for_agent(cfg.boot_timeout, cfg.agent_durations.clone())
-            .await?;
         self.timings.qemu_to_agent = qemu_started.elapsed();
         self.timings.total = started.elapsed();
         tracing::info!(
@@ -249,6 +248,28 @@ impl Vm {
             "VM ready"
         );
         Ok(())
+    }
+
+    /// The vsock device for QEMU: a vhost-user daemon of our own, or a free context id of the
+    /// host's vhost-vsock.
+    async fn start_vsock(&mut self, cfg: &VmConfig, hybrid: bool) -> Result<VsockDevice, VmError> {
+        if hybrid {
+            let daemon_started = Instant::now();
+            self.start_daemon(cfg).await?;
+            self.timings.vsock_daemon = daemon_started.elapsed();
+            return Ok(VsockDevice::VhostUser);
+        }
+        let cid = find_free_cid().map_err(|e| {
+            VmError::io(
+                format!("finding a free vsock context id in {VHOST_VSOCK_DEVICE}"),
+                e,
+            )
+        })?;
+        self.agent_url = AgentUrl::Vsock {
+            cid,
+            port: DEFAULT_AGENT_PORT,
+        };
+        Ok(VsockDevice::Vhost { cid })
     }
 
     async fn start_daemon(&mut self, cfg: &VmConfig) -> Result<(), VmError> {
@@ -276,6 +297,7 @@ impl Vm {
         let pid = child_pid(&child);
         self.daemon_pid = Some(pid);
         self.daemon = Some(child);
+        self.relay = Some(RelayWatch::new(pid));
         write_pid_file(&self.state_dir.join(DAEMON_PID), pid)?;
 
         let deadline = Instant::now() + DAEMON_START_TIMEOUT;
@@ -328,18 +350,21 @@ impl Vm {
         Ok(())
     }
 
-    /// Health checks until one succeeds; fails at once when QEMU or the daemon exits.
+    /// Health checks until one succeeds; fails at once when QEMU or the daemon exits, or the daemon
+    /// stops relaying.
     async fn wait_for_agent(
         &mut self,
         timeout: Duration,
+        deadline: Instant,
         durations: Option<RpcDurations>,
     ) -> Result<(), VmError> {
-        // Each attempt waits a little longer (1 s, 2 s, 4 s, then 8 s), and one that gives up
-        // leaves its CONNECT pending rather than closing it (see `agent::transport`): a CONNECT
-        // sent before the guest's vsock driver is up may never be answered, and one attempt
-        // waiting for it would hang the boot; one answered late must not find our side closed.
-        let deadline = Instant::now() + timeout;
+        // No CONNECT before the guest says its agent listens (see `console_gate`). Each attempt
+        // then waits a little longer (1 s, 2 s, 4 s, then 8 s), and one that gives up leaves its
+        // CONNECT pending rather than closing it (see `agent::transport`): one answered late must
+        // not find our side closed.
         let mut patience = Duration::from_secs(1);
+        let hybrid = matches!(self.agent_url, AgentUrl::Hvsock { .. });
+        let mut console_gate = ConsoleGate::new(hybrid, timeout);
         loop {
             if let Some(qemu) = self.qemu.as_mut() {
                 if let Ok(Some(status)) = qemu.try_wait() {
@@ -349,10 +374,17 @@ impl Vm {
             if let Some(err) = self.daemon_exited() {
                 return Err(err);
             }
-            if let Some(trouble) = self.trouble() {
-                return Err(self.lost(trouble));
+            if let Some(why) = self.relay_lost() {
+                return Err(VmError::RelayLost {
+                    why,
+                    log_tail: self.console_tail(),
+                });
             }
             let left = deadline.saturating_duration_since(Instant::now());
+            if !console_gate.open(&self.state_dir.join(CONSOLE_LOG)) && !left.is_zero() {
+                tokio::time::sleep(CONSOLE_POLL.min(left)).await;
+                continue;
+            }
             let patience_now = patience.min(left);
             patience = (patience * 2).min(MAX_HEALTH_CHECK_PATIENCE);
             let client = AgentClient::new(
@@ -402,16 +434,6 @@ impl Vm {
         }
     }
 
-    /// The VM cannot run its guest any more ([`Vm::trouble`]) while it boots.
-    fn lost(&self, trouble: String) -> VmError {
-        VmError::Exited {
-            what: "the VM",
-            status: trouble,
-            log_name: "the vsock daemon's log",
-            log_tail: log_tail(&self.state_dir.join(DAEMON_LOG)),
-        }
-    }
-
     fn console_tail(&self) -> String {
         log_tail(&self.state_dir.join(CONSOLE_LOG))
     }
@@ -419,14 +441,21 @@ impl Vm {
     /// SIGKILL everything and remove the sandbox cgroup and the state directory (the failure
     /// path of `start`).
     async fn kill_now(&mut self) {
-        for mut child in [self.qemu.take(), self.daemon.take()].into_iter().flatten() {
-            let _ = child.start_kill();
-            let _ = tokio::time::timeout(STOP_GRACE, child.wait()).await;
-        }
+        self.kill_processes().await;
         if let Err(err) = self.remove_cgroup() {
             tracing::warn!("{err}");
         }
         let _ = self.remove_state_dir();
+    }
+
+    /// SIGKILL QEMU and the vsock daemon, and wait a little for them to go.
+    async fn kill_processes(&mut self) {
+        for mut child in [self.qemu.take(), self.daemon.take()].into_iter().flatten() {
+            let _ = child.start_kill();
+            let _ = tokio::time::timeout(STOP_GRACE, child.wait()).await;
+        }
+        self.daemon_pid = None;
+        self.relay = None;
     }
 
     fn remove_cgroup(&mut self) -> Result<(), VmError> {
