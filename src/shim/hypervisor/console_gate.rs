@@ -4,7 +4,8 @@
 //! the guest's vsock queues to it (see `relay_watch`), which happens while the guest's driver
 //! starts: a moment the host cannot see. Our agent writes [`CONSOLE_READY_LINE`] to the console
 //! once it listens, well after its driver is up, so a boot connects only after that line. A guest
-//! that never writes it (another agent) is connected to after half the boot timeout, as before.
+//! that never writes it (another agent, an image built before the line) is connected to after
+//! [`CONSOLE_GRACE`] as before; should the relay stop then, the boot starts the VM again.
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +17,9 @@ use crate::agent::CONSOLE_READY_LINE;
 
 /// How often the console is read while the gate is shut.
 pub(super) const CONSOLE_POLL: Duration = Duration::from_millis(50);
+/// How long a guest may take to write the line (a TCG boot on a loaded host takes about 11 s)
+/// before it is connected to anyway; at most half the boot timeout.
+const CONSOLE_GRACE: Duration = Duration::from_secs(20);
 
 pub(super) struct ConsoleGate {
     open: bool,
@@ -30,13 +34,13 @@ impl ConsoleGate {
     pub(super) fn new(hybrid: bool, timeout: Duration) -> ConsoleGate {
         ConsoleGate {
             open: !hybrid,
-            until: Instant::now() + timeout / 2,
+            until: Instant::now() + CONSOLE_GRACE.min(timeout / 2),
             console: LogWatch::default(),
         }
     }
 
     /// Whether the boot may connect now: the guest's console (`console`) said that the agent
-    /// listens, or the guest had half the boot timeout to say it.
+    /// listens, or the guest had its time to say it.
     pub(super) fn open(&mut self, console: &Path) -> bool {
         if !self.open && self.console.find(console, CONSOLE_READY_LINE).is_some() {
             self.open = true;
