@@ -831,6 +831,19 @@ async fn stats_report_the_containers_cpu_memory_and_pids() {
     }
 
     let cgroup = cgroups.as_ref().map(|c| c.0.join("busy"));
+    if cgroups.is_some() {
+        // An exec'd process is in the container's cgroup from its first instruction.
+        sb.client
+            .exec_process(exec_request("busy", "self", &["cat", "/proc/self/cgroup"]))
+            .await
+            .expect("exec");
+        let out = read_exec_to_eof(&sb.client, "busy", "self", false).await;
+        assert!(
+            out.lines()
+                .any(|line| line.starts_with("0::") && line.ends_with("/busy")),
+            "the exec's /proc/self/cgroup: {out:?}"
+        );
+    }
     let before = cgroup.as_deref().map(cgroup_usage_usec);
     let reply = sb
         .client

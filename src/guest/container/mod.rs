@@ -155,14 +155,14 @@ impl Containers {
             .into_option()
             .ok_or_else(|| status(Code::INVALID_ARGUMENT, "ExecProcess without a process"))?;
         let label = format!("process {exec_id:?} of container {id:?}");
-        let launched = Process::exec(&self.reaper, label, container.init.pid, process).await?;
-        if let Some(cgroup) = &container.cgroup {
-            // Started already: it joins the cgroup before it forks anything in practice, and a
-            // straggler would only be missing from the stats.
-            if let Err(err) = cgroup.add(launched.pid) {
-                tracing::warn!(%id, %exec_id, %err, "cannot move the process into the cgroup");
-            }
-        }
+        let launched = Process::exec(
+            &self.reaper,
+            label,
+            container.init.pid,
+            process,
+            container.cgroup.as_ref(),
+        )
+        .await?;
         let mut execs = container.execs();
         if execs.contains_key(&exec_id) {
             drop(execs);

@@ -10,6 +10,7 @@ use nix::unistd::Pid;
 use protobuf::Message;
 use ttrpc::Code;
 
+use super::cgroup::Cgroup;
 use super::spawn::{self, Status};
 use super::spec;
 use super::stdio::Stdio;
@@ -42,19 +43,27 @@ impl Process {
         Self::launch(reaper, id, spec, None).await
     }
 
-    /// Runs one more process in the namespaces of the container whose init is `target`: created
-    /// and started at once (ExecProcess has no separate start).
+    /// Runs one more process in the namespaces of the container whose init is `target`, and in
+    /// its `cgroup`: created and started at once (ExecProcess has no separate start).
     pub(crate) async fn exec(
         reaper: &Reaper,
         label: String,
         target: Pid,
         process: oci::Process,
+        cgroup: Option<&Cgroup>,
     ) -> RpcResult<Process> {
         let mut spec = oci::Spec::new();
         // The exec'd process enters the container's root; "/" only satisfies validation.
         spec.Root.mut_or_insert_default().Path = "/".into();
         spec.Process = Some(process).into();
         let launched = Self::launch(reaper, label, spec, Some(target)).await?;
+        if let Some(cgroup) = cgroup {
+            // While it waits for start: the program and all it forks are counted and limited
+            // from their first instruction.
+            if let Err(err) = cgroup.add(launched.pid) {
+                tracing::warn!(process = %launched.id, %err, "cannot move the process into the cgroup");
+            }
+        }
         launched.start().await?;
         Ok(launched)
     }
