@@ -22,11 +22,22 @@ pub(crate) fn escape_into(s: &str, quote: bool, out: &mut String) {
 
 /// `# HELP` (when there is help text) and `# TYPE` lines; `kind` is the TYPE word.
 pub(crate) fn write_header(name: &str, help: &str, kind: &str, out: &mut String) {
+    write_header_quoting(name, help, false, kind, out);
+}
+
+/// [`write_header`], escaping `"` in the help text too when `quote_help` (OpenMetrics does).
+pub(crate) fn write_header_quoting(
+    name: &str,
+    help: &str,
+    quote_help: bool,
+    kind: &str,
+    out: &mut String,
+) {
     if !help.is_empty() {
         out.push_str("# HELP ");
         out.push_str(name);
         out.push(' ');
-        escape_into(help, false, out);
+        escape_into(help, quote_help, out);
         out.push('\n');
     }
     out.push_str("# TYPE ");

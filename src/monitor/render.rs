@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use super::aggregate::Merged;
 use crate::metrics::exposition::MetricType;
+use crate::metrics::text::write_header_quoting;
 
 pub(crate) const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub(crate) const OPENMETRICS_CONTENT_TYPE: &str =
@@ -203,25 +204,7 @@ fn write_header(name: &str, help: &str, kind: MetricType, format: Format, out: &
             MetricType::Untyped => (name, "unknown"),
         },
     };
-    if !help.is_empty() {
-        out.push_str("# HELP ");
-        out.push_str(name);
-        out.push(' ');
-        for c in help.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                '"' if format == Format::OpenMetrics => out.push_str("\\\""),
-                c => out.push(c),
-            }
-        }
-        out.push('\n');
-    }
-    out.push_str("# TYPE ");
-    out.push_str(name);
-    out.push(' ');
-    out.push_str(kind);
-    out.push('\n');
+    write_header_quoting(name, help, format == Format::OpenMetrics, kind, out);
 }
 
 #[cfg(test)]
