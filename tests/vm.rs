@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use kata_shim_metrics::agent::url::AgentUrl;
+use kata_shim_metrics::agent::CONSOLE_READY_LINE;
 use kata_shim_metrics::agent_client::{AgentClient, AgentTimeouts};
 use kata_shim_metrics::protocols::agent::GetMetricsRequest;
 use kata_shim_metrics::shim::hypervisor::{kill_leftovers, Accel, Vm, VmConfig, VmError};
@@ -132,6 +133,11 @@ async fn a_guest_boots_reports_its_metrics_and_stops_cleanly() {
     assert!(
         console.contains("guest set up"),
         "no setup line on the console:\n{console}"
+    );
+    // The line the boot waits for before its first CONNECT (without it a boot waits 20 s more).
+    assert!(
+        console.contains(CONSOLE_READY_LINE),
+        "no {CONSOLE_READY_LINE:?} on the console:\n{console}"
     );
     for problem in ["cannot load module", "cannot mount", "eth0"] {
         let bad: Vec<&str> = console

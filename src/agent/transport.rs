@@ -9,8 +9,7 @@
 //! and a closed socket panics its vring thread, which ends the agent channel for good (a paused or
 //! slow guest did that). The handshake runs in a task of its own that keeps the socket until the
 //! answer came, or for [`PENDING_CONNECT_HOLD`] (a daemon that stopped relaying never answers);
-//! at most [`MAX_PENDING_CONNECTS`] such tasks wait at
-//! once, after which a connect fails at once.
+//! at most [`MAX_PENDING_CONNECTS`] such tasks wait at once, after which a connect fails at once.
 
 use std::io;
 use std::path::Path;
